@@ -1,0 +1,273 @@
+"""Local Fisher blocks: the one place that knows each layer kind.
+
+A block turns one layer's activations into its local Fisher statistic, turns
+the (averaged) statistic into a preconditioner at refresh time, and applies
+the preconditioner to the layer's gradient written as a matrix ``g`` of shape
+``(n, d_out)``: one column per output unit, one row per input feature, and a
+last row for the bias when the layer has one (``x~ = [x; 1]``).
+
+| kind          | statistic (N = rows of the batch, all leading axes)            | stored block                |
+|---------------|-----------------------------------------------------------------|-----------------------------|
+| ``linear``    | ``G = E[x~ x~^T]``, shared by every output unit                 | ``(n, n)``                  |
+| ``linear`` + Nystrom | ``m`` sampled columns ``E[x~ x~_S^T]`` and ``diag G``    | ``(n, m)``                  |
+| ``relu`` ...  | ``G_j = E[nu(h_j) x~ x~^T]`` per output unit ``j``              | ``(d_out, n, n)``           |
+| ``softmax``   | ``E[diag(eta) - eta eta^T]`` (x) ``E[x~ x~^T]`` (Kronecker of the two expectations) | ``(d_out, d_out)``, ``(n, n)`` |
+| ``affine``    | norm scale/shift: ``E[z_c z_c^T]``, ``z_c = [xhat_c; 1]`` per channel | ``(C, 2, 2)``         |
+| ``embedding`` | token frequency per row (a diagonal Fisher)                     | ``(vocab,)``                |
+
+Damping is always applied to the block as a whole:
+``G + (damping + relative_damping * trace(G) / dim) * I``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sngd_jax import linalg
+
+Array = jax.Array
+
+
+def _relu_nu(h):
+  # Smooth ReLU (softplus) derivative squared, as in the official code.
+  return jax.nn.sigmoid(h) ** 2
+
+
+def _sigmoid_nu(h):
+  s = jax.nn.sigmoid(h)
+  return s * (1.0 - s)
+
+
+def _tanh_nu(h):
+  return 1.0 - jnp.tanh(h) ** 2
+
+
+def _elu_nu(h):
+  return jnp.where(h >= 0, 1.0, jnp.exp(2.0 * jnp.minimum(h, 0.0)))
+
+
+NU = {"relu": _relu_nu, "sigmoid": _sigmoid_nu, "tanh": _tanh_nu, "elu": _elu_nu}
+DENSE_KINDS = ("linear", *NU, "softmax")
+KINDS = (*DENSE_KINDS, "none")
+
+
+def rows(x, dtype):
+  """Flattens every leading axis: ``(..., d) -> (N, d)`` in ``dtype``."""
+  return jnp.reshape(x, (-1, x.shape[-1])).astype(dtype)
+
+
+def features(x, n, dtype):
+  """``x~ = [x, 1]`` as rows ``(N, n)``; the ones column only if the layer has a bias."""
+  x = rows(x, dtype)
+  if x.shape[1] == n:
+    return x
+  return jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
+
+
+def second_moment(xt):
+  return xt.T @ xt / xt.shape[0]
+
+
+def _vmapped_inverse(stats, damping, relative_damping, solver):
+  def one(g):
+    return linalg.inverse(linalg.damped(g, damping, relative_damping), solver)
+
+  return jax.vmap(one)(stats)
+
+
+def _apply_per_unit(precond, g):
+  # update[:, j] = P_j @ g[:, j]
+  return jnp.einsum("jik,kj->ij", precond, g)
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear:
+  """One block ``E[x~ x~^T]`` shared by all output units."""
+
+  n: int
+
+  def init(self, dtype):
+    return jnp.eye(self.n, dtype=dtype)
+
+  def statistic(self, x, h, dtype):
+    del h
+    return second_moment(features(x, self.n, dtype))
+
+  def refresh(self, stats, damping, relative_damping, solver):
+    return linalg.inverse(
+        linalg.damped(stats, damping, relative_damping), solver)
+
+  def apply(self, precond, g):
+    return precond @ g
+
+
+@dataclasses.dataclass(frozen=True)
+class NystromLinear:
+  """The ``linear`` block approximated from ``m`` fixed sampled columns.
+
+  The columns are a uniformly random subset of the input features, drawn once
+  from the layer's path (so every run and every host draws the same ones); the
+  bias column is always among them. Memory and statistics cost O(N n m).
+  """
+
+  n: int
+  columns: tuple[int, ...]
+
+  @classmethod
+  def for_layer(cls, path: str, n: int, rank: int, bias: bool):
+    rng = np.random.default_rng(zlib.crc32(path.encode()))
+    if bias:
+      picked = rng.choice(n - 1, size=rank - 1, replace=False).tolist() + [n - 1]
+    else:
+      picked = rng.choice(n, size=rank, replace=False).tolist()
+    return cls(n=n, columns=tuple(sorted(picked)))
+
+  def init(self, dtype):
+    eye = jnp.eye(self.n, dtype=dtype)
+    return {"columns": eye[:, np.array(self.columns)],
+            "diagonal": jnp.ones((self.n,), dtype)}
+
+  def statistic(self, x, h, dtype):
+    del h
+    xt = features(x, self.n, dtype)
+    return {"columns": xt.T @ xt[:, np.array(self.columns)] / xt.shape[0],
+            "diagonal": jnp.mean(xt * xt, axis=0)}
+
+  def refresh(self, stats, damping, relative_damping, solver):
+    del solver  # Woodbury needs one m x m Cholesky, whatever the solver.
+    shift = linalg.damping_for(
+        jnp.sum(stats["diagonal"]), self.n, damping, relative_damping)
+    core = linalg.nystrom_factors(
+        stats["columns"], np.array(self.columns), shift)
+    return {"columns": stats["columns"], "core": core, "shift": shift}
+
+  def apply(self, precond, g):
+    return linalg.nystrom_apply(
+        precond["columns"], precond["core"], precond["shift"], g)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerUnit:
+  """One block per output unit, ``E[nu(h_j) x~ x~^T]``."""
+
+  n: int
+  d_out: int
+  nu: Callable[[Array], Array]
+
+  def init(self, dtype):
+    return jnp.broadcast_to(
+        jnp.eye(self.n, dtype=dtype), (self.d_out, self.n, self.n))
+
+  def statistic(self, x, h, dtype):
+    xt = features(x, self.n, dtype)
+    weights = self.nu(rows(h, dtype))
+    return jnp.einsum("nj,ni,nk->jik", weights, xt, xt) / xt.shape[0]
+
+  def refresh(self, stats, damping, relative_damping, solver):
+    return _vmapped_inverse(stats, damping, relative_damping, solver)
+
+  def apply(self, precond, g):
+    return _apply_per_unit(precond, g)
+
+
+@dataclasses.dataclass(frozen=True)
+class Softmax:
+  """Output layer: Kronecker product of ``E[diag(eta) - eta eta^T]`` and ``E[x~ x~^T]``.
+
+  The damped Kronecker product is inverted exactly from the eigenpairs of the
+  two factors, whatever the solver.
+  """
+
+  n: int
+  d_out: int
+
+  def init(self, dtype):
+    return {"output": jnp.eye(self.d_out, dtype=dtype),
+            "input": jnp.eye(self.n, dtype=dtype)}
+
+  def statistic(self, x, h, dtype):
+    xt = features(x, self.n, dtype)
+    eta = jax.nn.softmax(rows(h, dtype), axis=-1)
+    output = jnp.diag(jnp.mean(eta, axis=0)) - eta.T @ eta / eta.shape[0]
+    return {"output": output, "input": second_moment(xt)}
+
+  def refresh(self, stats, damping, relative_damping, solver):
+    del solver
+    out_vals, out_vecs = jnp.linalg.eigh(stats["output"])
+    in_vals, in_vecs = jnp.linalg.eigh(stats["input"])
+    trace = jnp.sum(out_vals) * jnp.sum(in_vals)
+    shift = linalg.damping_for(trace, self.n * self.d_out, damping,
+                               relative_damping)
+    return {"output": out_vecs, "input": in_vecs,
+            "scale": 1.0 / (jnp.outer(in_vals, out_vals) + shift)}
+
+  def apply(self, precond, g):
+    rotated = precond["input"].T @ g @ precond["output"]
+    return precond["input"] @ (rotated * precond["scale"]) @ precond["output"].T
+
+
+@dataclasses.dataclass(frozen=True)
+class Affine:
+  """Scale/shift of a normalization layer: a ``(n, n)`` block per channel.
+
+  ``z_c = [xhat_c]`` plus a ``1`` for the shift (n is 1 or 2); ``xhat`` is the
+  normalized input that the scale multiplies.
+  """
+
+  n: int
+  d_out: int
+  has_scale: bool
+
+  def init(self, dtype):
+    return jnp.broadcast_to(
+        jnp.eye(self.n, dtype=dtype), (self.d_out, self.n, self.n))
+
+  def statistic(self, x, h, dtype):
+    del h
+    xhat = rows(x, dtype)
+    parts = []
+    if self.has_scale:
+      parts.append(xhat)
+    if self.n > len(parts):
+      parts.append(jnp.ones_like(xhat))
+    z = jnp.stack(parts, axis=-1)  # (N, C, n)
+    return jnp.einsum("ncj,nck->cjk", z, z) / z.shape[0]
+
+  def refresh(self, stats, damping, relative_damping, solver):
+    return _vmapped_inverse(stats, damping, relative_damping, solver)
+
+  def apply(self, precond, g):
+    return _apply_per_unit(precond, g)
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedding:
+  """Diagonal Fisher of an embedding table: each row's token frequency."""
+
+  vocab: int
+
+  def init(self, dtype):
+    return jnp.ones((self.vocab,), dtype)
+
+  def statistic(self, x, h, dtype):
+    del h
+    ids = jnp.reshape(x, (-1,))
+    return jnp.zeros((self.vocab,), dtype).at[ids].add(1.0 / ids.shape[0])
+
+  def refresh(self, stats, damping, relative_damping, solver):
+    del solver
+    shift = linalg.damping_for(jnp.sum(stats), self.vocab, damping,
+                               relative_damping)
+    return 1.0 / (stats + shift)
+
+  def apply(self, precond, g):
+    return precond[:, None] * g
+
+
+Block = Any  # One of the dataclasses above.

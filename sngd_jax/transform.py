@@ -1,0 +1,523 @@
+"""The SNGD Optax transform: ``scale_by_sngd`` and the ``sngd`` alias."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sngd_jax import fisher, linalg
+
+LayerFisher = Union[str, Mapping[str, str], Callable[[str], str]]
+
+
+class ScaleBySNGDState(NamedTuple):
+  """State of :func:`scale_by_sngd`. Dicts are keyed by the layer's path ``"a/b/0"``."""
+
+  count: jax.Array  # int32 (): steps taken.
+  stats: dict[str, Any]  # EMA local Fisher per layer; shapes in ``sngd_jax.fisher``.
+  preconditioners: dict[str, Any]  # Damped inverse per layer, refreshed every ``inverse_every``.
+  stats_faults: jax.Array  # int32 (): batches whose statistic was not finite (skipped).
+  inverse_faults: jax.Array  # int32 (): refreshes whose inverse was not finite (last good kept).
+
+
+# ----------------------------------------------------------------------------
+# Paths.
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def path_tuple(path) -> tuple[str, ...]:
+  """A jax.tree_util key path as strings, without nnx's trailing ``.value``."""
+  names = tuple(_key_name(k) for k in path)
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
+    names = names[:-1]
+  return names
+
+
+def path_str(names: tuple[str, ...]) -> str:
+  return "/".join(names)
+
+
+# ----------------------------------------------------------------------------
+# The layer plan: which parameters form which local Fisher block.
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """One preconditioned module.
+
+  ``leaves`` lists its parameters in the order they stack into the gradient
+  matrix ``g (n, d_out)``: ``(leaf index, parameter name, rows)``.
+  """
+
+  path: str
+  kind: str
+  block: Any
+  leaves: tuple[tuple[int, str, int], ...]
+  d_in: int
+  d_out: int
+
+
+def _resolve_kind(layer_fisher: LayerFisher, path: str) -> str:
+  if isinstance(layer_fisher, str):
+    return layer_fisher
+  if isinstance(layer_fisher, Mapping):
+    for pattern, kind in layer_fisher.items():
+      if fnmatch.fnmatchcase(path, pattern):
+        return kind
+    return "linear"
+  return layer_fisher(path)
+
+
+def _dense_block(kind, path, n, d_out, bias, nystrom_rank, nystrom_min_dim):
+  if kind == "linear":
+    if nystrom_rank is not None and n > nystrom_min_dim and nystrom_rank < n:
+      return fisher.NystromLinear.for_layer(path, n, nystrom_rank, bias)
+    return fisher.Linear(n)
+  if kind == "softmax":
+    return fisher.Softmax(n, d_out)
+  return fisher.PerUnit(n, d_out, fisher.NU[kind])
+
+
+def plan_layers(tree, layer_fisher, nystrom_rank, nystrom_min_dim):
+  """Groups the leaves of ``tree`` (params or gradients) into layers.
+
+  A module is the parent of a ``kernel`` (dense or convolution: ``kernel`` of
+  shape ``(..., d_out)`` read as ``(d_in, d_out)``), of an ``embedding``
+  table, or of ``scale``/``bias`` without a kernel (normalization layers).
+
+  Returns:
+    ``(layers, passthrough)``: the layers, and the paths of the leaves that
+    belong to none and pass through unchanged.
+  """
+  leaves_with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
+  modules: dict[tuple[str, ...], dict[str, tuple[int, Any]]] = {}
+  for index, (path, leaf) in enumerate(leaves_with_path):
+    names = path_tuple(path)
+    modules.setdefault(names[:-1], {})[names[-1] if names else ""] = (index, leaf)
+
+  layers, claimed = [], set()
+  for module_path, children in modules.items():
+    path = path_str(module_path)
+    layer = _module_layer(path, children, layer_fisher, nystrom_rank,
+                          nystrom_min_dim)
+    if layer is not None:
+      layers.append(layer)
+      claimed.update(index for index, _, _ in layer.leaves)
+  passthrough = [path_str(path_tuple(p)) for i, (p, _) in
+                 enumerate(leaves_with_path) if i not in claimed]
+  return layers, passthrough
+
+
+def _module_layer(path, children, layer_fisher, nystrom_rank, nystrom_min_dim):
+  def shape(name):
+    return np.shape(children[name][1])
+
+  def leaf(name, rows):
+    return (children[name][0], name, rows)
+
+  if "kernel" in children:
+    kernel_shape = shape("kernel")
+    if len(kernel_shape) < 2:
+      return None
+    kind = _resolve_kind(layer_fisher, path)
+    if kind not in fisher.KINDS:
+      raise ValueError(f"layer_fisher for {path!r} is {kind!r}; expected one "
+                       f"of {fisher.KINDS}")
+    if kind == "none":
+      return None
+    d_out = kernel_shape[-1]
+    d_in = math.prod(kernel_shape[:-1])
+    leaves = [leaf("kernel", d_in)]
+    if "bias" in children:
+      if math.prod(shape("bias")) != d_out:
+        raise ValueError(f"{path}/bias has shape {shape('bias')}; the kernel "
+                         f"{kernel_shape} has {d_out} outputs")
+      leaves.append(leaf("bias", 1))
+    n = len(leaves) - 1 + d_in
+    block = _dense_block(kind, path, n, d_out, "bias" in children,
+                         nystrom_rank, nystrom_min_dim)
+    return Layer(path, kind, block, tuple(leaves), d_in, d_out)
+
+  if not isinstance(layer_fisher, str) and _resolve_kind(layer_fisher, path) == "none":
+    return None
+  if "embedding" in children and len(shape("embedding")) >= 2:
+    table = shape("embedding")
+    return Layer(path, "embedding", fisher.Embedding(table[0]),
+                 (leaf("embedding", table[0]),), 1, math.prod(table[1:]))
+  if "scale" in children or "bias" in children:
+    names = [name for name in ("scale", "bias") if name in children]
+    channels = {math.prod(shape(name)) for name in names}
+    if len(channels) != 1:
+      raise ValueError(f"{path}: scale and bias have different sizes")
+    d_out = channels.pop()
+    return Layer(path, "affine",
+                 fisher.Affine(len(names), d_out, "scale" in children),
+                 tuple(leaf(name, 1) for name in names), 1, d_out)
+  return None
+
+
+# ----------------------------------------------------------------------------
+# Activations.
+
+
+def _is_entry(x) -> bool:
+  return isinstance(x, Mapping) and "inputs" in x
+
+
+def flatten_activations(activations) -> dict[str, Mapping]:
+  """``{layer path: {"inputs": x, "outputs": h}}`` from a nested activations tree."""
+  flat = {}
+  for path, entry in jax.tree_util.tree_flatten_with_path(
+      activations, is_leaf=_is_entry)[0]:
+    names = path_str(path_tuple(path))
+    if not _is_entry(entry):
+      raise ValueError(
+          f"activations at {names!r} must be a dict with 'inputs' (and "
+          f"'outputs'), got {type(entry).__name__}")
+    flat[names] = entry
+  return flat
+
+
+def _check_entry(layer: Layer, entry: Mapping):
+  """Raises a ValueError naming the layer's path if its activations do not fit."""
+  x = entry["inputs"]
+  where = f"activations[{layer.path!r}]"
+  if layer.kind == "embedding":
+    if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+      raise ValueError(f"{where}['inputs'] must hold integer token ids, got "
+                       f"{jnp.result_type(x)}")
+    return
+  if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    raise ValueError(f"{where}['inputs'] must be floating point, got "
+                     f"{jnp.result_type(x)}")
+  expected = layer.d_out if layer.kind == "affine" else layer.d_in
+  if np.ndim(x) < 1 or np.shape(x)[-1] != expected:
+    raise ValueError(f"{where}['inputs'] has shape {np.shape(x)}; the layer's "
+                     f"parameters need (..., {expected})")
+  if layer.kind in fisher.NU or layer.kind == "softmax":
+    if "outputs" not in entry:
+      raise ValueError(f"{where} needs 'outputs' (pre-activations) for "
+                       f"layer_fisher {layer.kind!r}")
+    h = entry["outputs"]
+    if np.shape(h)[:-1] != np.shape(x)[:-1] or np.shape(h)[-1] != layer.d_out:
+      raise ValueError(f"{where}['outputs'] has shape {np.shape(h)}; expected "
+                       f"{np.shape(x)[:-1] + (layer.d_out,)}")
+    if not jnp.issubdtype(jnp.result_type(h), jnp.floating):
+      raise ValueError(f"{where}['outputs'] must be floating point")
+
+
+# ----------------------------------------------------------------------------
+# Options.
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, numbers.Number) and not isinstance(x, bool)
+
+
+def _validate(ema_decay, damping, relative_damping, stats_every, inverse_every,
+              layer_fisher, solver, nystrom_rank, nystrom_min_dim):
+  if _is_number(ema_decay) and not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+  for name, value in (("damping", damping),
+                      ("relative_damping", relative_damping)):
+    if _is_number(value) and value < 0:
+      raise ValueError(f"{name} must be >= 0, got {value}")
+  if _is_number(damping) and _is_number(relative_damping) and (
+      damping + relative_damping <= 0):
+    raise ValueError("damping + relative_damping must be > 0: an undamped "
+                     "local Fisher is singular for a batch smaller than its "
+                     "dimension")
+  for name, value in (("stats_every", stats_every),
+                      ("inverse_every", inverse_every)):
+    if _is_number(value) and (value < 1 or int(value) != value):
+      raise ValueError(f"{name} must be an integer >= 1, got {value}")
+  if solver not in linalg.SOLVERS:
+    raise ValueError(f"solver must be one of {linalg.SOLVERS}, got {solver!r}")
+  if isinstance(layer_fisher, str) and layer_fisher not in fisher.KINDS:
+    raise ValueError(f"layer_fisher must be one of {fisher.KINDS}, a mapping "
+                     f"or a callable, got {layer_fisher!r}")
+  if isinstance(layer_fisher, Mapping):
+    for pattern, kind in layer_fisher.items():
+      if kind not in fisher.KINDS:
+        raise ValueError(f"layer_fisher[{pattern!r}] is {kind!r}; expected "
+                         f"one of {fisher.KINDS}")
+  if nystrom_rank is not None and not (
+      isinstance(nystrom_rank, int) and nystrom_rank >= 2):
+    raise ValueError("nystrom_rank must be None or a Python int >= 2 (pass it "
+                     "in inject_hyperparams' static_args), got "
+                     f"{nystrom_rank!r}")
+  if not isinstance(nystrom_min_dim, int):
+    raise ValueError("nystrom_min_dim must be a Python int (pass it in "
+                     f"inject_hyperparams' static_args), got {nystrom_min_dim!r}")
+
+
+# ----------------------------------------------------------------------------
+# The transform.
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
+                            for x in jax.tree.leaves(tree)]))
+
+
+def _state_dtype(dtype):
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def scale_by_sngd(
+    ema_decay: float = 0.95,
+    damping: float = 1e-4,
+    relative_damping: float = 1e-2,
+    stats_every: int = 1,
+    inverse_every: int = 20,
+    layer_fisher: LayerFisher = "linear",
+    solver: str = "cholesky",
+    nystrom_rank: int | None = None,
+    nystrom_min_dim: int = 1024,
+) -> optax.GradientTransformationExtraArgs:
+  """Preconditions gradients with the damped inverse local Fisher of each layer.
+
+  Structured natural gradient descent (SNGD): the global Fisher is replaced by
+  a local block per layer (and per output unit for the per-unit kinds),
+  estimated from the layer's own inputs and pre-activations, averaged by an
+  exponential moving average, damped and inverted every ``inverse_every``
+  steps. Plain gradient descent on the result is gradient descent on the
+  paper's reconstructed network ``w' = G^{1/2} w``. The output is a direction
+  (no learning rate, no sign flip): chain it like ``optax.scale_by_adam``.
+
+  ``update(updates, state, params, *, activations)`` needs ``activations``: a
+  pytree whose entry at a module's path is ``{"inputs": x, "outputs": h}``
+  with ``x (..., d_in)`` the module's input and ``h (..., d_out)`` its
+  pre-activation output in this forward pass (leading axes are averaged
+  over). ``sngd_jax.nnx_capture``/``linen_capture`` build it for Flax models.
+  Parameters whose module has no entry pass through unchanged (a warning at
+  trace time names them).
+
+  Args:
+    ema_decay: ``G <- ema_decay * G + (1 - ema_decay) * batch statistic``;
+      ``G`` starts at the identity.
+    damping: absolute damping added to every block's diagonal.
+    relative_damping: damping relative to the block's mean eigenvalue: the
+      block applied is ``G + (damping + relative_damping * trace(G)/dim) I``.
+    stats_every: update the statistics every this many steps.
+    inverse_every: refresh the inverses every this many steps (on step 0 too).
+    layer_fisher: the local Fisher of dense and convolution layers:
+      ``"linear"`` (one ``E[x~ x~^T]`` block shared by the output units),
+      ``"relu"``, ``"sigmoid"``, ``"tanh"``, ``"elu"`` (a block per output
+      unit weighted by ``nu(h_j)``), ``"softmax"`` (output layer, Kronecker
+      product of the two expectations) or ``"none"`` (plain gradient). A single
+      kind, a mapping from glob patterns of layer paths (``"layers/*"``) to
+      kinds (unmatched layers get ``"linear"``), or a callable from the path
+      string to a kind. Normalization and embedding layers get their own
+      blocks unless a mapping or callable says ``"none"`` for them.
+    solver: ``"cholesky"``, ``"eigh"`` or ``"denman_beavers"`` (the paper's
+      reconstruction: ``G^{-1/2}`` by Denman-Beavers iteration, applied twice).
+    nystrom_rank: if set, ``linear`` blocks with more than ``nystrom_min_dim``
+      rows use a rank-``nystrom_rank`` Nystrom approximation.
+    nystrom_min_dim: the block size above which Nystrom is used.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Liu et al., Reconstructing Deep Neural Networks: Unleashing the
+    Optimization Potential of Natural Gradient Descent, arXiv 2412.07441.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sngd_jax
+    >>> params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+    >>> x = jnp.ones((8, 3))
+    >>> tx = optax.chain(sngd_jax.scale_by_sngd(), optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> acts = {"dense": {"inputs": x, "outputs": x @ params["dense"]["kernel"]}}
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params, activations=acts)
+  """
+  _validate(ema_decay, damping, relative_damping, stats_every, inverse_every,
+            layer_fisher, solver, nystrom_rank, nystrom_min_dim)
+
+  def plan(tree):
+    return plan_layers(tree, layer_fisher, nystrom_rank, nystrom_min_dim)
+
+  def init_fn(params):
+    layers, _ = plan(params)
+    leaves = jax.tree.leaves(params)
+    stats, preconditioners = {}, {}
+    for layer in layers:
+      dtype = _state_dtype(leaves[layer.leaves[0][0]].dtype)
+      stats[layer.path] = layer.block.init(dtype)
+      preconditioners[layer.path] = layer.block.refresh(
+          stats[layer.path], damping, relative_damping, solver)
+    zero = jnp.zeros([], jnp.int32)
+    return ScaleBySNGDState(zero, stats, preconditioners, zero, zero)
+
+  def update_fn(updates, state, params=None, *, activations=None, **extra):
+    del extra
+    if params is None:
+      raise ValueError("scale_by_sngd needs params: call "
+                       "tx.update(grads, state, params, activations=...)")
+    if jax.tree.structure(params) != jax.tree.structure(updates):
+      raise ValueError("params and updates have different tree structures")
+    if activations is None:
+      raise ValueError("scale_by_sngd needs activations=...: the inputs and "
+                       "outputs of each layer in this forward pass "
+                       "(sngd_jax.nnx_capture / linen_capture build them)")
+    layers, passthrough = plan(updates)
+    by_path = {layer.path: layer for layer in layers}
+    entries = flatten_activations(activations)
+    for path in entries:
+      if path not in by_path:
+        raise ValueError(f"activations has an entry at {path!r} but params "
+                         f"have no preconditioned layer there; layers: "
+                         f"{sorted(by_path)}")
+    unused = [layer.path for layer in layers if layer.path not in entries]
+    if passthrough or unused:
+      warnings.warn("sngd: these parameters get the plain gradient (no "
+                    f"activations or no local Fisher for them): "
+                    f"{passthrough + unused}", stacklevel=2)
+    for path, entry in entries.items():
+      _check_entry(by_path[path], entry)
+
+    leaves, treedef = jax.tree.flatten(updates)
+    do_stats = state.count % stats_every == 0
+    do_refresh = state.count % inverse_every == 0
+    stats, preconditioners = dict(state.stats), dict(state.preconditioners)
+    stats_faults, inverse_faults = state.stats_faults, state.inverse_faults
+    for path, entry in entries.items():
+      layer = by_path[path]
+      with jax.named_scope(f"sngd/{path}"):
+        stats[path], stat_fault = _update_stats(
+            layer, entry, stats[path], do_stats, ema_decay)
+        preconditioners[path], inverse_fault = _refresh(
+            layer, stats[path], preconditioners[path], do_refresh, damping,
+            relative_damping, solver)
+        _precondition(layer, preconditioners[path], leaves)
+      stats_faults += stat_fault.astype(jnp.int32)
+      inverse_faults += inverse_fault.astype(jnp.int32)
+    new_state = ScaleBySNGDState(
+        optax.safe_increment(state.count), stats, preconditioners,
+        stats_faults, inverse_faults)
+    return jax.tree.unflatten(treedef, leaves), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _update_stats(layer, entry, old, do_stats, ema_decay):
+  """EMA of the layer's statistic; a non-finite batch statistic is skipped."""
+
+  def new():
+    with jax.named_scope("statistics"):
+      dtype = jax.tree.leaves(old)[0].dtype
+      stat = jax.tree.map(
+          lambda s, o: s.astype(o.dtype),
+          layer.block.statistic(entry["inputs"], entry.get("outputs"), dtype),
+          old)
+      ok = _all_finite(stat)
+      ema = jax.tree.map(lambda o, s: ema_decay * o + (1 - ema_decay) * s,
+                         old, stat)
+      return jax.tree.map(lambda e, o: jnp.where(ok, e, o), ema, old), ~ok
+
+  return jax.lax.cond(do_stats, new, lambda: (old, jnp.array(False)))
+
+
+def _refresh(layer, stats, old, do_refresh, damping, relative_damping, solver):
+  """New damped inverse; a non-finite one is rejected and the old one kept."""
+
+  def new():
+    with jax.named_scope("refresh"):
+      fresh = jax.tree.map(lambda f, o: f.astype(o.dtype), layer.block.refresh(
+          stats, damping, relative_damping, solver), old)
+      ok = _all_finite(fresh)
+      return jax.tree.map(lambda f, o: jnp.where(ok, f, o), fresh, old), ~ok
+
+  return jax.lax.cond(do_refresh, new, lambda: (old, jnp.array(False)))
+
+
+def _precondition(layer: Layer, precond, leaves: list):
+  """Replaces the layer's gradient leaves (in place in ``leaves``) by P g."""
+  dtype = jax.tree.leaves(precond)[0].dtype
+  g = jnp.concatenate([
+      jnp.reshape(leaves[index], (rows, layer.d_out)).astype(dtype)
+      for index, _, rows in layer.leaves])
+  out = layer.block.apply(precond, g)
+  offset = 0
+  for index, _, rows in layer.leaves:
+    original = leaves[index]
+    leaves[index] = jnp.reshape(out[offset:offset + rows],
+                                original.shape).astype(original.dtype)
+    offset += rows
+
+
+def sngd(
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    *,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    ema_decay: float = 0.95,
+    damping: float = 1e-4,
+    relative_damping: float = 1e-2,
+    stats_every: int = 1,
+    inverse_every: int = 20,
+    layer_fisher: LayerFisher = "linear",
+    solver: str = "cholesky",
+    nystrom_rank: int | None = None,
+    nystrom_min_dim: int = 1024,
+) -> optax.GradientTransformationExtraArgs:
+  """SNGD: the preconditioner alone, or the complete optimizer.
+
+  ``sngd()`` is :func:`scale_by_sngd` and chains:
+  ``optax.chain(sngd_jax.sngd(), optax.sgd(0.1))``. With a learning rate,
+  ``sngd(0.1, momentum=0.9)`` is the complete optimizer: the preconditioned
+  direction, then decoupled weight decay (``weight_decay`` times the
+  parameters, after preconditioning, like AdamW), then heavy-ball or Nesterov
+  momentum, then ``-learning_rate`` (a float or an Optax schedule).
+
+  Args:
+    learning_rate: a float or schedule; ``None`` returns a direction.
+    momentum: momentum decay (``optax.trace``); 0 for none.
+    nesterov: Nesterov momentum.
+    weight_decay: decoupled weight decay; 0 for none.
+    weight_decay_mask: ``optax.add_decayed_weights``' mask.
+    ema_decay, damping, relative_damping, stats_every, inverse_every,
+    layer_fisher, solver, nystrom_rank, nystrom_min_dim: see
+      :func:`scale_by_sngd`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs
+    ``activations=``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sngd_jax
+    >>> tx = sngd_jax.sngd(0.1, momentum=0.9)
+    >>> state = tx.init({"dense": {"kernel": jnp.ones((3, 2))}})
+  """
+  parts = [scale_by_sngd(
+      ema_decay=ema_decay, damping=damping, relative_damping=relative_damping,
+      stats_every=stats_every, inverse_every=inverse_every,
+      layer_fisher=layer_fisher, solver=solver, nystrom_rank=nystrom_rank,
+      nystrom_min_dim=nystrom_min_dim)]
+  if not (_is_number(weight_decay) and weight_decay == 0):
+    parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+  if not (_is_number(momentum) and momentum == 0):
+    parts.append(optax.trace(decay=momentum, nesterov=nesterov))
+  if learning_rate is not None:
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+  return parts[0] if len(parts) == 1 else optax.chain(*parts)

@@ -1,0 +1,244 @@
+"""SNGD's update against explicit float64 constructions of each local Fisher."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sngd_jax
+from helpers import cross_entropy, mlp_forward, mlp_params
+
+DAMPING, RELATIVE = 1e-3, 1e-2
+
+# Independent numpy versions of nu_f from the method note.
+NU = {
+    "relu": lambda h: (1 / (1 + np.exp(-h))) ** 2,
+    "sigmoid": lambda h: (1 / (1 + np.exp(-h))) * (1 - 1 / (1 + np.exp(-h))),
+    "tanh": lambda h: 1 - np.tanh(h) ** 2,
+    "elu": lambda h: np.where(h >= 0, 1.0, np.exp(np.minimum(h, 0)) ** 2),
+}
+
+
+def damp(g):
+  dim = g.shape[0]
+  return g + (DAMPING + RELATIVE * np.trace(g) / dim) * np.eye(dim)
+
+
+def with_ones(x):
+  return np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+
+
+def reference_update(kind, x, h, g):
+  """``G^{-1} g`` for one layer; ``g`` is ``(d_in + 1, d_out)``."""
+  xt = with_ones(np.asarray(x))
+  h = np.asarray(h)
+  n = xt.shape[0]
+  if kind == "linear":
+    return np.linalg.solve(damp(xt.T @ xt / n), g)
+  if kind == "softmax":
+    eta = np.exp(h - h.max(1, keepdims=True))
+    eta /= eta.sum(1, keepdims=True)
+    a = np.diag(eta.mean(0)) - eta.T @ eta / n
+    b = xt.T @ xt / n
+    big = damp(np.kron(a, b))  # index (unit j, feature i) = vec(g) by columns
+    return np.linalg.solve(big, g.T.reshape(-1)).reshape(g.shape[1], -1).T
+  out = np.empty_like(g)
+  nu = NU[kind](h)
+  for j in range(g.shape[1]):
+    gj = (xt * nu[:, j:j + 1]).T @ xt / n
+    out[:, j] = np.linalg.solve(damp(gj), g[:, j])
+  return out
+
+
+def one_step(kind, solver, params, acts, grads):
+  tx = sngd_jax.scale_by_sngd(ema_decay=0.0, damping=DAMPING,
+                              relative_damping=RELATIVE, layer_fisher=kind,
+                              solver=solver)
+  state = tx.init(params)
+  updates, state = jax.jit(
+      lambda g, s, p, a: tx.update(g, s, p, activations=a))(
+          grads, state, params, acts)
+  return updates, state
+
+
+def stacked(layer):
+  return np.concatenate([np.asarray(layer["kernel"]),
+                         np.asarray(layer["bias"])[None]], axis=0)
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "eigh", "denman_beavers"])
+@pytest.mark.parametrize("kind", ["linear", "relu", "sigmoid", "tanh", "elu",
+                                  "softmax"])
+def test_update_is_damped_local_fisher_inverse_times_gradient(kind, solver):
+  key = jax.random.PRNGKey(0)
+  params = mlp_params(key, [4, 5, 3])
+  x = jax.random.normal(jax.random.PRNGKey(1), (7, 4), jnp.float64)
+  labels = jnp.array([0, 1, 2, 0, 1, 2, 0])
+  loss = lambda p: cross_entropy(mlp_forward(p, x)[0], labels)
+  grads = jax.grad(loss)(params)
+  _, acts = mlp_forward(params, x)
+  updates, state = one_step(kind, solver, params, acts, grads)
+  for name in params:
+    expected = reference_update(kind, acts[name]["inputs"],
+                                acts[name]["outputs"], stacked(grads[name]))
+    np.testing.assert_allclose(stacked(updates[name]), expected,
+                               rtol=1e-9, atol=1e-9)
+  assert int(state.stats_faults) == 0 and int(state.inverse_faults) == 0
+
+
+def test_per_layer_mapping_like_the_official_code():
+  """First and last layers linear, hidden layers per-unit ReLU."""
+  params = mlp_params(jax.random.PRNGKey(0), [4, 6, 5, 3])
+  x = jax.random.normal(jax.random.PRNGKey(1), (9, 4), jnp.float64)
+  _, acts = mlp_forward(params, x)
+  grads = jax.tree.map(lambda p: jnp.cos(p), params)
+  kinds = {"layer0": "linear", "layer1": "relu", "layer2": "linear"}
+  tx = sngd_jax.scale_by_sngd(ema_decay=0.0, damping=DAMPING,
+                              relative_damping=RELATIVE, layer_fisher=kinds)
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  for name, kind in kinds.items():
+    expected = reference_update(kind, acts[name]["inputs"],
+                                acts[name]["outputs"], stacked(grads[name]))
+    np.testing.assert_allclose(stacked(updates[name]), expected, rtol=1e-9,
+                               atol=1e-9)
+
+
+def _exact_fisher(model, w, x, output_covariance):
+  """Fisher E_x[J^T C J] of a model's outputs from autodiff Jacobians."""
+  flat, unravel = jax.flatten_util.ravel_pytree(w)
+  jac = jax.vmap(lambda xi: jax.jacobian(
+      lambda f: model(unravel(f), xi[None])[0])(flat))(x)  # (N, out, P)
+  cov = jax.vmap(output_covariance)(jax.vmap(
+      lambda xi: model(w, xi[None])[0])(x))
+  return np.asarray(jnp.einsum("nop,noq,nqr->pr", jac, cov, jac) / x.shape[0]), unravel
+
+
+def _exact_ngd(fisher_matrix, grads):
+  flat, unravel = jax.flatten_util.ravel_pytree(grads)
+  return unravel(jnp.asarray(np.linalg.solve(damp(fisher_matrix), np.asarray(flat))))
+
+
+def test_linear_kind_is_exact_ngd_for_least_squares():
+  """For a dense layer under a Gaussian likelihood, the Fisher is E[x~x~^T] (x) I."""
+  import jax.flatten_util  # noqa: F401
+  w = {"kernel": jax.random.normal(jax.random.PRNGKey(0), (5, 3)),
+       "bias": jnp.arange(3.0)}
+  x = jax.random.normal(jax.random.PRNGKey(1), (11, 5))
+  y = jax.random.normal(jax.random.PRNGKey(2), (11, 3))
+  model = lambda w, x: x @ w["kernel"] + w["bias"]
+  grads = jax.grad(lambda w: 0.5 * jnp.mean(jnp.sum((model(w, x) - y) ** 2, 1)))(w)
+  # Params flatten as (bias, kernel) rows; the identity output covariance.
+  fisher_matrix, _ = _exact_fisher(model, w, x, lambda out: jnp.eye(3))
+  expected = _exact_ngd(fisher_matrix, grads)
+  tx = sngd_jax.scale_by_sngd(ema_decay=0.0, damping=DAMPING,
+                              relative_damping=RELATIVE)
+  updates, _ = tx.update({"dense": grads}, tx.init({"dense": w}), {"dense": w},
+                         activations={"dense": {"inputs": x}})
+  # The damping's trace term differs by the factor dim: trace(G (x) I)/dim is
+  # trace(G)/dim_G. Same shift, so the solutions agree exactly.
+  for name in w:
+    np.testing.assert_allclose(updates["dense"][name], expected[name],
+                               rtol=1e-9, atol=1e-9)
+
+
+def test_softmax_kind_is_exact_ngd_for_one_example():
+  """With a single example the Kronecker factorization is the exact Fisher."""
+  import jax.flatten_util  # noqa: F401
+  w = {"kernel": jax.random.normal(jax.random.PRNGKey(0), (4, 3)),
+       "bias": jnp.array([0.1, -0.2, 0.3])}
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, 4))
+  model = lambda w, x: x @ w["kernel"] + w["bias"]
+  grads = jax.grad(lambda w: cross_entropy(model(w, x), jnp.array([2])))(w)
+  softmax_cov = lambda logits: (jnp.diag(jax.nn.softmax(logits))
+                                - jnp.outer(jax.nn.softmax(logits),
+                                            jax.nn.softmax(logits)))
+  fisher_matrix, _ = _exact_fisher(model, w, x, softmax_cov)
+  expected = _exact_ngd(fisher_matrix, grads)
+  tx = sngd_jax.scale_by_sngd(ema_decay=0.0, damping=DAMPING,
+                              relative_damping=RELATIVE, layer_fisher="softmax")
+  acts = {"out": {"inputs": x, "outputs": model(w, x)}}
+  updates, _ = tx.update({"out": grads}, tx.init({"out": w}), {"out": w},
+                         activations=acts)
+  for name in w:
+    np.testing.assert_allclose(updates["out"][name], expected[name],
+                               rtol=1e-8, atol=1e-9)
+
+
+def test_ema_starts_at_identity_and_averages():
+  params = mlp_params(jax.random.PRNGKey(0), [3, 2])
+  tx = sngd_jax.scale_by_sngd(ema_decay=0.75, inverse_every=1)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  batches = [jax.random.normal(jax.random.PRNGKey(i), (5, 3)) for i in range(3)]
+  expected = np.eye(4)
+  for x in batches:
+    _, acts = mlp_forward(params, x)
+    _, state = tx.update(grads, state, params, activations=acts)
+    xt = with_ones(np.asarray(x))
+    expected = 0.75 * expected + 0.25 * xt.T @ xt / 5
+  np.testing.assert_allclose(state.stats["layer0"], expected, rtol=1e-12)
+
+
+def test_stats_every_and_inverse_every_skip_work_between_refreshes():
+  params = mlp_params(jax.random.PRNGKey(0), [3, 2])
+  tx = sngd_jax.scale_by_sngd(stats_every=2, inverse_every=3)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  history = []
+  for i in range(6):
+    x = jax.random.normal(jax.random.PRNGKey(i), (5, 3))
+    _, acts = mlp_forward(params, x)
+    _, state = tx.update(grads, state, params, activations=acts)
+    history.append((np.asarray(state.stats["layer0"]),
+                    np.asarray(state.preconditioners["layer0"])))
+  stats_changed = [not np.array_equal(history[i][0], history[i - 1][0])
+                   for i in range(1, 6)]
+  precond_changed = [not np.array_equal(history[i][1], history[i - 1][1])
+                     for i in range(1, 6)]
+  assert stats_changed == [False, True, False, True, False]  # steps 2 and 4
+  assert precond_changed == [False, False, True, False, False]  # step 3
+
+
+def test_reconstruction_theorem_gd_on_reparametrized_network_is_ngd():
+  """10 steps of GD on w' = G^{1/2} w equal 10 steps of SNGD with G held fixed."""
+  params = mlp_params(jax.random.PRNGKey(0), [4, 6, 3])
+  x = jax.random.normal(jax.random.PRNGKey(1), (16, 4), jnp.float64)
+  labels = jnp.arange(16) % 3
+  lr, steps = 0.3, 10
+
+  # Ours: refresh only at step 0 so G stays the first step's statistic.
+  tx = sngd_jax.sngd(lr, ema_decay=0.0, damping=DAMPING,
+                     relative_damping=RELATIVE, inverse_every=1000)
+  state = tx.init(params)
+  w = params
+  for _ in range(steps):
+    _, acts = mlp_forward(w, x)
+    grads = jax.grad(lambda p: cross_entropy(mlp_forward(p, x)[0], labels))(w)
+    updates, state = tx.update(grads, state, w, activations=acts)
+    w = optax.apply_updates(w, updates)
+
+  # Reference: the reconstructed network, each layer's x~ through G^{-1/2}.
+  _, acts0 = mlp_forward(params, x)
+  roots = {}
+  for name in params:
+    xt = with_ones(np.asarray(acts0[name]["inputs"]))
+    vals, vecs = np.linalg.eigh(damp(xt.T @ xt / xt.shape[0]))
+    roots[name] = (vecs * np.sqrt(vals) @ vecs.T, vecs / np.sqrt(vals) @ vecs.T)
+
+  def original(reparam):
+    out = {}
+    for name, (_, inv_root) in roots.items():
+      stacked_w = inv_root @ reparam[name]
+      out[name] = {"kernel": stacked_w[:-1], "bias": stacked_w[-1]}
+    return out
+
+  reparam = {name: roots[name][0] @ stacked(params[name]) for name in params}
+  reparam_loss = lambda r: cross_entropy(mlp_forward(original(r), x)[0], labels)
+  for _ in range(steps):
+    reparam = jax.tree.map(lambda r, g: r - lr * g, reparam,
+                           jax.grad(reparam_loss)(reparam))
+  expected = original(reparam)
+  for name in params:
+    np.testing.assert_allclose(stacked(w[name]), stacked(expected[name]),
+                               rtol=1e-9, atol=1e-10)
