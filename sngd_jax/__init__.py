@@ -2,12 +2,13 @@
 
 from sngd_jax.fisher import KINDS
 from sngd_jax.linalg import denman_beavers
-from sngd_jax.transform import ScaleBySNGDState, scale_by_sngd, sngd
+from sngd_jax.transform import Nystrom, ScaleBySNGDState, scale_by_sngd, sngd
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KINDS",
+    "Nystrom",
     "ScaleBySNGDState",
     "denman_beavers",
     "scale_by_sngd",

@@ -143,13 +143,13 @@ class NystromLinear:
     del solver  # Woodbury needs one m x m Cholesky, whatever the solver.
     shift = linalg.damping_for(
         jnp.sum(stats["diagonal"]), self.n, damping, relative_damping)
-    core = linalg.nystrom_factors(
+    basis, core = linalg.nystrom_factors(
         stats["columns"], np.array(self.columns), shift)
-    return {"columns": stats["columns"], "core": core, "shift": shift}
+    return {"basis": basis, "core": core, "shift": shift}
 
   def apply(self, precond, g):
     return linalg.nystrom_apply(
-        precond["columns"], precond["core"], precond["shift"], g)
+        precond["basis"], precond["core"], precond["shift"], g)
 
 
 @dataclasses.dataclass(frozen=True)

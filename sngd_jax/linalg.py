@@ -90,9 +90,11 @@ def nystrom_factors(columns, column_index, shift):
   """Woodbury factors of ``(shift * I + C W^+ C^T)^{-1}``.
 
   The Nystrom approximation of a PSD matrix G from m of its columns
-  ``C = G[:, S]`` (with ``W = G[S, S]``) is ``C W^+ C^T``. By the Woodbury
-  identity ``(shift I + C W^-1 C^T)^-1 = (I - C (shift W + C^T C)^-1 C^T) / shift``,
-  which costs O(n m^2 + m^3) instead of O(n^3).
+  ``C = G[:, S]`` (with ``W = G[S, S]``) is ``C W^+ C^T = B B^T`` with
+  ``B = C V s^{-1/2}`` from the eigenpairs ``(s, V)`` of W (eigenvalues below
+  ``eps * m * max(s)`` are dropped: that is the pseudo-inverse). By Woodbury,
+  ``(shift I + B B^T)^-1 v = (v - B (shift I + B^T B)^-1 B^T v) / shift``:
+  O(n m^2 + m^3) instead of O(n^3), and well defined for a singular W.
 
   Args:
     columns: ``C``, shape ``(n, m)``.
@@ -100,15 +102,17 @@ def nystrom_factors(columns, column_index, shift):
     shift: the damping, a positive scalar.
 
   Returns:
-    ``core`` of shape ``(m, m)`` such that the inverse applied to ``v`` is
-    ``(v - C core C^T v) / shift``.
+    ``(basis, core)``: ``B (n, m)`` and ``(shift I + B^T B)^{-1} (m, m)``.
   """
   w = columns[column_index]
-  w = 0.5 * (w + w.T)
-  inner = shift * w + columns.T @ columns
-  return cholesky_inverse(inner)
+  vals, vecs = jnp.linalg.eigh(0.5 * (w + w.T))
+  cutoff = jnp.finfo(w.dtype).eps * w.shape[0] * jnp.max(vals)
+  inv_sqrt = jnp.where(vals > cutoff, 1.0 / jnp.sqrt(jnp.maximum(vals, cutoff)), 0.0)
+  basis = columns @ (vecs * inv_sqrt)
+  eye = jnp.eye(w.shape[0], dtype=w.dtype)
+  return basis, cholesky_inverse(shift * eye + basis.T @ basis)
 
 
-def nystrom_apply(columns, core, shift, v):
+def nystrom_apply(basis, core, shift, v):
   """Applies the Woodbury form of :func:`nystrom_factors` to ``v`` ``(n, k)``."""
-  return (v - columns @ (core @ (columns.T @ v))) / shift
+  return (v - basis @ (core @ (basis.T @ v))) / shift

@@ -20,6 +20,25 @@ from sngd_jax import fisher, linalg
 LayerFisher = Union[str, Mapping[str, str], Callable[[str], str]]
 
 
+@dataclasses.dataclass(frozen=True)
+class Nystrom:
+  """Low-rank ``linear`` blocks for wide layers.
+
+  Attributes:
+    rank: columns sampled per block (the bias column is always one of them).
+    min_dim: blocks with more rows than this (``d_in + 1``) use Nystrom.
+  """
+
+  rank: int = 256
+  min_dim: int = 1024
+
+  def __post_init__(self):
+    for name in ("rank", "min_dim"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+        raise ValueError(f"Nystrom.{name} must be an int >= 2, got {value!r}")
+
+
 class ScaleBySNGDState(NamedTuple):
   """State of :func:`scale_by_sngd`. Dicts are keyed by the layer's path ``"a/b/0"``."""
 
@@ -84,17 +103,17 @@ def _resolve_kind(layer_fisher: LayerFisher, path: str) -> str:
   return layer_fisher(path)
 
 
-def _dense_block(kind, path, n, d_out, bias, nystrom_rank, nystrom_min_dim):
+def _dense_block(kind, path, n, d_out, bias, nystrom):
   if kind == "linear":
-    if nystrom_rank is not None and n > nystrom_min_dim and nystrom_rank < n:
-      return fisher.NystromLinear.for_layer(path, n, nystrom_rank, bias)
+    if nystrom is not None and n > nystrom.min_dim and nystrom.rank < n:
+      return fisher.NystromLinear.for_layer(path, n, nystrom.rank, bias)
     return fisher.Linear(n)
   if kind == "softmax":
     return fisher.Softmax(n, d_out)
   return fisher.PerUnit(n, d_out, fisher.NU[kind])
 
 
-def plan_layers(tree, layer_fisher, nystrom_rank, nystrom_min_dim):
+def plan_layers(tree, layer_fisher, nystrom):
   """Groups the leaves of ``tree`` (params or gradients) into layers.
 
   A module is the parent of a ``kernel`` (dense or convolution: ``kernel`` of
@@ -114,8 +133,7 @@ def plan_layers(tree, layer_fisher, nystrom_rank, nystrom_min_dim):
   layers, claimed = [], set()
   for module_path, children in modules.items():
     path = path_str(module_path)
-    layer = _module_layer(path, children, layer_fisher, nystrom_rank,
-                          nystrom_min_dim)
+    layer = _module_layer(path, children, layer_fisher, nystrom)
     if layer is not None:
       layers.append(layer)
       claimed.update(index for index, _, _ in layer.leaves)
@@ -124,7 +142,7 @@ def plan_layers(tree, layer_fisher, nystrom_rank, nystrom_min_dim):
   return layers, passthrough
 
 
-def _module_layer(path, children, layer_fisher, nystrom_rank, nystrom_min_dim):
+def _module_layer(path, children, layer_fisher, nystrom):
   def shape(name):
     return np.shape(children[name][1])
 
@@ -150,8 +168,7 @@ def _module_layer(path, children, layer_fisher, nystrom_rank, nystrom_min_dim):
                          f"{kernel_shape} has {d_out} outputs")
       leaves.append(leaf("bias", 1))
     n = len(leaves) - 1 + d_in
-    block = _dense_block(kind, path, n, d_out, "bias" in children,
-                         nystrom_rank, nystrom_min_dim)
+    block = _dense_block(kind, path, n, d_out, "bias" in children, nystrom)
     return Layer(path, kind, block, tuple(leaves), d_in, d_out)
 
   if not isinstance(layer_fisher, str) and _resolve_kind(layer_fisher, path) == "none":
@@ -231,7 +248,7 @@ def _is_number(x) -> bool:
 
 
 def _validate(ema_decay, damping, relative_damping, stats_every, inverse_every,
-              layer_fisher, solver, nystrom_rank, nystrom_min_dim):
+              layer_fisher, solver, nystrom):
   if _is_number(ema_decay) and not 0.0 <= ema_decay < 1.0:
     raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
   for name, value in (("damping", damping),
@@ -257,14 +274,8 @@ def _validate(ema_decay, damping, relative_damping, stats_every, inverse_every,
       if kind not in fisher.KINDS:
         raise ValueError(f"layer_fisher[{pattern!r}] is {kind!r}; expected "
                          f"one of {fisher.KINDS}")
-  if nystrom_rank is not None and not (
-      isinstance(nystrom_rank, int) and nystrom_rank >= 2):
-    raise ValueError("nystrom_rank must be None or a Python int >= 2 (pass it "
-                     "in inject_hyperparams' static_args), got "
-                     f"{nystrom_rank!r}")
-  if not isinstance(nystrom_min_dim, int):
-    raise ValueError("nystrom_min_dim must be a Python int (pass it in "
-                     f"inject_hyperparams' static_args), got {nystrom_min_dim!r}")
+  if nystrom is not None and not isinstance(nystrom, Nystrom):
+    raise ValueError(f"nystrom must be None or sngd_jax.Nystrom, got {nystrom!r}")
 
 
 # ----------------------------------------------------------------------------
@@ -288,8 +299,7 @@ def scale_by_sngd(
     inverse_every: int = 20,
     layer_fisher: LayerFisher = "linear",
     solver: str = "cholesky",
-    nystrom_rank: int | None = None,
-    nystrom_min_dim: int = 1024,
+    nystrom: Nystrom | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with the damped inverse local Fisher of each layer.
 
@@ -328,9 +338,9 @@ def scale_by_sngd(
       blocks unless a mapping or callable says ``"none"`` for them.
     solver: ``"cholesky"``, ``"eigh"`` or ``"denman_beavers"`` (the paper's
       reconstruction: ``G^{-1/2}`` by Denman-Beavers iteration, applied twice).
-    nystrom_rank: if set, ``linear`` blocks with more than ``nystrom_min_dim``
-      rows use a rank-``nystrom_rank`` Nystrom approximation.
-    nystrom_min_dim: the block size above which Nystrom is used.
+    nystrom: a :class:`Nystrom` (rank, min_dim): ``linear`` blocks with more
+      than ``min_dim`` rows use a rank-``rank`` Nystrom approximation. ``None``
+      (default): every block is exact.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -350,10 +360,10 @@ def scale_by_sngd(
     >>> updates, state = tx.update(grads, state, params, activations=acts)
   """
   _validate(ema_decay, damping, relative_damping, stats_every, inverse_every,
-            layer_fisher, solver, nystrom_rank, nystrom_min_dim)
+            layer_fisher, solver, nystrom)
 
   def plan(tree):
-    return plan_layers(tree, layer_fisher, nystrom_rank, nystrom_min_dim)
+    return plan_layers(tree, layer_fisher, nystrom)
 
   def init_fn(params):
     layers, _ = plan(params)
@@ -478,8 +488,7 @@ def sngd(
     inverse_every: int = 20,
     layer_fisher: LayerFisher = "linear",
     solver: str = "cholesky",
-    nystrom_rank: int | None = None,
-    nystrom_min_dim: int = 1024,
+    nystrom: Nystrom | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SNGD: the preconditioner alone, or the complete optimizer.
 
@@ -497,7 +506,7 @@ def sngd(
     weight_decay: decoupled weight decay; 0 for none.
     weight_decay_mask: ``optax.add_decayed_weights``' mask.
     ema_decay, damping, relative_damping, stats_every, inverse_every,
-    layer_fisher, solver, nystrom_rank, nystrom_min_dim: see
+    layer_fisher, solver, nystrom: see
       :func:`scale_by_sngd`.
 
   Returns:
@@ -512,8 +521,7 @@ def sngd(
   parts = [scale_by_sngd(
       ema_decay=ema_decay, damping=damping, relative_damping=relative_damping,
       stats_every=stats_every, inverse_every=inverse_every,
-      layer_fisher=layer_fisher, solver=solver, nystrom_rank=nystrom_rank,
-      nystrom_min_dim=nystrom_min_dim)]
+      layer_fisher=layer_fisher, solver=solver, nystrom=nystrom)]
   if not (_is_number(weight_decay) and weight_decay == 0):
     parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
   if not (_is_number(momentum) and momentum == 0):

@@ -1,0 +1,126 @@
+"""Misuse raises a ValueError at the first call, naming the parameter path."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import sngd_jax
+from helpers import mlp_forward, mlp_params
+
+
+@pytest.fixture
+def setup():
+  params = {"encoder": mlp_params(jax.random.PRNGKey(0), [5, 4, 3])}
+  x = jnp.ones((6, 5))
+  _, acts = mlp_forward(params["encoder"], x)
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = sngd_jax.sngd(0.1)
+  return tx, tx.init(params), params, {"encoder": acts}, grads
+
+
+def test_missing_params(setup):
+  tx, state, _, acts, grads = setup
+  with pytest.raises(ValueError, match="needs params"):
+    tx.update(grads, state, activations=acts)
+
+
+def test_missing_activations(setup):
+  tx, state, params, _, grads = setup
+  with pytest.raises(ValueError, match="needs activations"):
+    tx.update(grads, state, params)
+
+
+def test_activations_at_unknown_path(setup):
+  tx, state, params, acts, grads = setup
+  acts = {"decoder": acts["encoder"]}
+  with pytest.raises(ValueError, match="'decoder/layer0'"):
+    tx.update(grads, state, params, activations=acts)
+
+
+def test_activation_entry_not_a_dict(setup):
+  tx, state, params, acts, grads = setup
+  acts["encoder"]["layer1"] = jnp.ones((6, 4))
+  with pytest.raises(ValueError, match="'encoder/layer1' must be a dict"):
+    tx.update(grads, state, params, activations=acts)
+
+
+def test_wrong_input_width(setup):
+  tx, state, params, acts, grads = setup
+  acts["encoder"]["layer1"]["inputs"] = jnp.ones((6, 7))
+  with pytest.raises(ValueError, match=r"'encoder/layer1'.*\(6, 7\).*\(\.\.\., 4\)"):
+    tx.update(grads, state, params, activations=acts)
+
+
+def test_wrong_output_shape_for_per_unit_kind(setup):
+  _, _, params, acts, grads = setup
+  tx = sngd_jax.sngd(0.1, layer_fisher="relu")
+  acts["encoder"]["layer0"]["outputs"] = jnp.ones((5, 4))
+  with pytest.raises(ValueError, match="'encoder/layer0'.*outputs"):
+    tx.update(grads, tx.init(params), params, activations=acts)
+
+
+def test_missing_outputs_for_per_unit_kind(setup):
+  _, _, params, acts, grads = setup
+  tx = sngd_jax.sngd(0.1, layer_fisher="tanh")
+  del acts["encoder"]["layer0"]["outputs"]
+  with pytest.raises(ValueError, match="'encoder/layer0'\] needs 'outputs'"):
+    tx.update(grads, tx.init(params), params, activations=acts)
+
+
+def test_integer_inputs_to_dense_layer(setup):
+  tx, state, params, acts, grads = setup
+  acts["encoder"]["layer0"]["inputs"] = jnp.ones((6, 5), jnp.int32)
+  with pytest.raises(ValueError, match="'encoder/layer0'.*floating"):
+    tx.update(grads, state, params, activations=acts)
+
+
+def test_mismatched_bias(setup):
+  _, _, params, _, _ = setup
+  params["encoder"]["layer0"]["bias"] = jnp.ones(7)
+  with pytest.raises(ValueError, match="encoder/layer0/bias"):
+    sngd_jax.sngd(0.1).init(params)
+
+
+def test_params_and_updates_differ(setup):
+  tx, state, params, acts, grads = setup
+  with pytest.raises(ValueError, match="different tree structures"):
+    tx.update(grads, state, {"other": params}, activations=acts)
+
+
+def test_unknown_kind_in_mapping_names_the_path(setup):
+  _, _, params, _, _ = setup
+  tx = sngd_jax.sngd(0.1, layer_fisher=lambda path: "gelu")
+  with pytest.raises(ValueError, match="'encoder/layer0' is 'gelu'"):
+    tx.init(params)
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(layer_fisher="gelu"), "layer_fisher must be one of"),
+    (dict(layer_fisher={"encoder/*": "swish"}), r"layer_fisher\['encoder/\*'\]"),
+    (dict(damping=-1.0), "damping must be >= 0"),
+    (dict(relative_damping=-1e-3), "relative_damping must be >= 0"),
+    (dict(damping=0.0, relative_damping=0.0), "must be > 0"),
+    (dict(inverse_every=0), "inverse_every must be an integer >= 1"),
+    (dict(stats_every=1.5), "stats_every must be an integer >= 1"),
+    (dict(ema_decay=1.0), r"ema_decay must be in \[0, 1\)"),
+    (dict(solver="svd"), "solver must be one of"),
+    (dict(nystrom=128), "nystrom must be None or sngd_jax.Nystrom"),
+])
+def test_bad_options(options, message):
+  with pytest.raises(ValueError, match=message):
+    sngd_jax.sngd(0.1, **options)
+
+
+def test_bad_nystrom_rank():
+  with pytest.raises(ValueError, match="Nystrom.rank must be an int >= 2"):
+    sngd_jax.Nystrom(rank=1)
+
+
+def test_unpreconditioned_parameters_are_named_once(setup):
+  tx, state, params, acts, grads = setup
+  del acts["encoder"]["layer1"]
+  params["encoder"]["temperature"] = jnp.ones(())
+  grads["encoder"]["temperature"] = jnp.ones(())
+  with pytest.warns(UserWarning, match="encoder/temperature.*encoder/layer1"):
+    updates, _ = tx.update(grads, state, params, activations=acts)
+  assert float(updates["encoder"]["temperature"]) == pytest.approx(-0.1)

@@ -1,0 +1,84 @@
+"""Denman-Beavers against eigh; Nystrom against the exact damped inverse."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sngd_jax import linalg
+
+
+def spd(n, condition, seed=0):
+  rng = np.random.default_rng(seed)
+  q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+  vals = np.logspace(0, -np.log10(condition), n)
+  return (q * vals) @ q.T
+
+
+def eigh_power(a, power):
+  vals, vecs = np.linalg.eigh(a)
+  return (vecs * vals ** power) @ vecs.T
+
+
+@pytest.mark.parametrize("dtype,condition,tol", [
+    (jnp.float64, 1e2, 1e-10), (jnp.float64, 1e6, 1e-8),
+    (jnp.float32, 1e2, 1e-5), (jnp.float32, 1e6, 2e-2)])
+def test_denman_beavers_matches_eigh(dtype, condition, tol):
+  a = spd(24, condition) * 3.7  # not unit scale: the iteration rescales
+  root, inv_root = linalg.denman_beavers(jnp.asarray(a, dtype))
+  assert root.dtype == dtype and inv_root.dtype == dtype
+  for got, power in ((root, 0.5), (inv_root, -0.5)):
+    expected = eigh_power(a, power)
+    err = np.linalg.norm(np.asarray(got, np.float64) - expected) / np.linalg.norm(expected)
+    assert err < tol, (power, err)
+
+
+def test_denman_beavers_float32_inverse_sqrt_whitens_at_condition_1e6():
+  """What the preconditioner needs: Z A Z ~ I, eigenvalue by eigenvalue."""
+  a = spd(16, 1e6)
+  _, z = linalg.denman_beavers(jnp.asarray(a, jnp.float32))
+  z = np.asarray(z, np.float64)
+  vals = np.linalg.eigvalsh(z @ a @ z)
+  np.testing.assert_allclose(vals, 1.0, atol=5e-2)
+
+
+@pytest.mark.parametrize("solver", linalg.SOLVERS)
+def test_solvers_invert_damped_blocks(solver):
+  a = spd(10, 1e3)
+  damped = np.asarray(linalg.damped(jnp.asarray(a), 1e-3, 1e-2))
+  np.testing.assert_allclose(
+      damped, a + (1e-3 + 1e-2 * np.trace(a) / 10) * np.eye(10), rtol=1e-14)
+  got = np.asarray(linalg.inverse(jnp.asarray(damped), solver))
+  np.testing.assert_allclose(got @ damped, np.eye(10), atol=1e-9)
+
+
+def low_rank_plus_noise(n, rank, noise, seed=0):
+  rng = np.random.default_rng(seed)
+  u = rng.normal(size=(n, rank))
+  return u @ u.T + noise * np.eye(n)
+
+
+def nystrom_error(g, columns, shift):
+  c = jnp.asarray(g[:, columns])
+  basis, core = linalg.nystrom_factors(c, np.array(columns), shift)
+  v = np.random.default_rng(1).normal(size=(g.shape[0], 3))
+  got = np.asarray(linalg.nystrom_apply(basis, core, shift, jnp.asarray(v)))
+  expected = np.linalg.solve(g + shift * np.eye(g.shape[0]), v)
+  return np.linalg.norm(got - expected) / np.linalg.norm(expected)
+
+
+def test_nystrom_exact_at_full_rank():
+  g = low_rank_plus_noise(40, 8, 0.0) + np.eye(40)
+  assert nystrom_error(g, list(range(40)), 0.1) < 1e-9
+
+
+def test_nystrom_exact_when_rank_covers_a_low_rank_matrix():
+  g = low_rank_plus_noise(60, 5, 0.0)
+  assert nystrom_error(g, list(range(0, 60, 6)), 0.5) < 1e-8
+
+
+def test_nystrom_error_shrinks_as_rank_grows():
+  g = low_rank_plus_noise(120, 30, 1e-2)
+  order = np.random.default_rng(3).permutation(120)
+  errors = [nystrom_error(g, sorted(order[:m]), 0.5) for m in (5, 15, 30, 60, 120)]
+  assert all(b < a for a, b in zip(errors, errors[1:])), errors
+  assert errors[-1] < 1e-9 and errors[0] > 1e-2, errors

@@ -1,0 +1,138 @@
+"""SNGD composes with Optax's chains and wrappers, under jit, without recompiling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import sngd_jax
+from helpers import blobs, loss_and_acts, mlp_params
+
+
+def setup():
+  params = mlp_params(jax.random.PRNGKey(0), [10, 8, 4])
+  x, labels = blobs(jax.random.PRNGKey(1), n=32)
+  (_, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(
+      params, x, labels)
+  return params, acts, grads
+
+
+def direction(params, acts, grads, **options):
+  tx = sngd_jax.scale_by_sngd(**options)
+  return tx.update(grads, tx.init(params), params, activations=acts)[0]
+
+
+def assert_tree_close(a, b, **kw):
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, **kw), a, b)
+
+
+def test_sngd_without_arguments_chains_like_scale_by_adam():
+  params, acts, grads = setup()
+  tx = optax.chain(sngd_jax.sngd(), optax.sgd(0.1))
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  assert_tree_close(updates, jax.tree.map(lambda d: -0.1 * d,
+                                          direction(params, acts, grads)),
+                    rtol=1e-12)
+
+
+def test_complete_optimizer_is_chain_of_parts():
+  params, acts, grads = setup()
+  tx = sngd_jax.sngd(0.1, momentum=0.9, weight_decay=1e-2)
+  state = tx.init(params)
+  reference = optax.chain(sngd_jax.scale_by_sngd(),
+                          optax.add_decayed_weights(1e-2),
+                          optax.trace(0.9), optax.scale_by_learning_rate(0.1))
+  ref_state = reference.init(params)
+  for _ in range(3):
+    updates, state = tx.update(grads, state, params, activations=acts)
+    expected, ref_state = reference.update(grads, ref_state, params,
+                                           activations=acts)
+    assert_tree_close(updates, expected, rtol=1e-12)
+
+
+def test_schedule_and_clipping():
+  params, acts, grads = setup()
+  schedule = optax.linear_schedule(0.1, 0.0, 4)
+  tx = optax.chain(optax.clip_by_global_norm(1e-3), sngd_jax.sngd(schedule))
+  state = tx.init(params)
+  clipped = optax.clip_by_global_norm(1e-3).update(grads, None)[0]
+  for step in range(2):
+    updates, state = tx.update(grads, state, params, activations=acts)
+  # step 1: lr 0.075; the statistic was updated twice with the same batch.
+  tx2 = sngd_jax.scale_by_sngd()
+  s2 = tx2.init(params)
+  for _ in range(2):
+    d, s2 = tx2.update(clipped, s2, params, activations=acts)
+  assert_tree_close(updates, jax.tree.map(lambda v: -0.075 * v, d), rtol=1e-6)
+
+
+def test_inject_hyperparams_changes_learning_rate_between_steps():
+  params, acts, grads = setup()
+  tx = optax.inject_hyperparams(sngd_jax.sngd, static_args=("nesterov",))(
+      learning_rate=0.1, damping=1e-3, inverse_every=5)
+  state = tx.init(params)
+  first, state = tx.update(grads, state, params, activations=acts)
+  state.hyperparams["learning_rate"] = jnp.asarray(0.01)
+  second, state = tx.update(grads, state, params, activations=acts)
+  # No refresh at step 1 (inverse_every=5): the direction is the same.
+  assert_tree_close(second, jax.tree.map(lambda u: 0.1 * u, first), rtol=1e-6)
+  assert isinstance(state.hyperparams["inverse_every"], jax.Array)
+
+
+def test_inject_hyperparams_under_jit_with_array_intervals():
+  params, acts, grads = setup()
+  tx = optax.inject_hyperparams(sngd_jax.sngd)(learning_rate=0.1,
+                                                stats_every=2, inverse_every=2)
+  step = jax.jit(lambda s: tx.update(grads, s, params, activations=acts))
+  state = tx.init(params)
+  for _ in range(3):
+    _, state = step(state)
+  assert int(state.inner_state[0].count) == 3
+
+
+def test_multisteps_accumulates_then_applies():
+  params, acts, grads = setup()
+  tx = optax.MultiSteps(sngd_jax.sngd(0.1), every_k_schedule=2)
+  state = tx.init(params)
+  first, state = tx.update(grads, state, params, activations=acts)
+  assert all(np.all(u == 0) for u in jax.tree.leaves(first))
+  second, state = tx.update(grads, state, params, activations=acts)
+  expected = jax.tree.map(lambda d: -0.1 * d, direction(params, acts, grads))
+  assert_tree_close(second, expected, rtol=1e-6)
+
+
+def test_apply_if_finite_blocks_nan_gradients():
+  params, acts, grads = setup()
+  tx = optax.apply_if_finite(sngd_jax.sngd(0.1), max_consecutive_errors=3)
+  state = tx.init(params)
+  bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), grads)
+  updates, state = tx.update(bad, state, params, activations=acts)
+  assert all(np.all(u == 0) for u in jax.tree.leaves(updates))
+  assert int(state.notfinite_count) == 1
+  updates, state = tx.update(grads, state, params, activations=acts)
+  assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+  assert any(np.any(u != 0) for u in jax.tree.leaves(updates))
+
+
+def test_state_survives_jit_and_steps_do_not_recompile():
+  params, acts, grads = setup()
+  tx = sngd_jax.sngd(0.1, momentum=0.9, inverse_every=2)
+  traces = []
+
+  @jax.jit
+  def step(params, state, acts, grads):
+    traces.append(1)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  eager_params, eager_state = params, state
+  for _ in range(5):
+    params, state = step(params, state, acts, grads)
+    updates, eager_state = tx.update(grads, eager_state, eager_params,
+                                     activations=acts)
+    eager_params = optax.apply_updates(eager_params, updates)
+  assert len(traces) == 1
+  assert isinstance(state[0], sngd_jax.ScaleBySNGDState)
+  assert int(state[0].count) == 5
+  assert_tree_close(params, eager_params, rtol=1e-6)
