@@ -1,5 +1,6 @@
 """sngd-jax: structured natural gradient descent as an Optax transform."""
 
+from sngd_jax.capture import conv_patches, dense, linen_capture, nnx_capture
 from sngd_jax.fisher import KINDS
 from sngd_jax.linalg import denman_beavers
 from sngd_jax.transform import Nystrom, ScaleBySNGDState, scale_by_sngd, sngd
@@ -10,7 +11,11 @@ __all__ = [
     "KINDS",
     "Nystrom",
     "ScaleBySNGDState",
+    "conv_patches",
+    "dense",
     "denman_beavers",
+    "linen_capture",
+    "nnx_capture",
     "scale_by_sngd",
     "sngd",
 ]

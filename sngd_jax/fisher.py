@@ -258,7 +258,8 @@ class Embedding:
   def statistic(self, x, h, dtype):
     del h
     ids = jnp.reshape(x, (-1,))
-    return jnp.zeros((self.vocab,), dtype).at[ids].add(1.0 / ids.shape[0])
+    return jnp.zeros((self.vocab,), dtype).at[ids].add(
+        jnp.asarray(1.0 / ids.shape[0], dtype))
 
   def refresh(self, stats, damping, relative_damping, solver):
     del solver

@@ -63,7 +63,7 @@ def test_missing_outputs_for_per_unit_kind(setup):
   _, _, params, acts, grads = setup
   tx = sngd_jax.sngd(0.1, layer_fisher="tanh")
   del acts["encoder"]["layer0"]["outputs"]
-  with pytest.raises(ValueError, match="'encoder/layer0'\] needs 'outputs'"):
+  with pytest.raises(ValueError, match=r"'encoder/layer0'\] needs 'outputs'"):
     tx.update(grads, tx.init(params), params, activations=acts)
 
 

@@ -1,0 +1,293 @@
+"""Activations for ``scale_by_sngd``: pure JAX, Flax NNX and Flax linen.
+
+Capture happens inside the model's one forward pass (no second run): layer
+calls are intercepted, their inputs (and pre-activation outputs) recorded,
+and the record returned beside the model's output. A layer used several times
+(a module called twice, a cell unrolled over time) contributes the rows of
+every use, so its statistics average over all uses.
+
+What each layer records (the transform reads ``inputs``/``outputs``):
+
+| layer                                | ``inputs``                                    | ``outputs``          |
+|--------------------------------------|-----------------------------------------------|----------------------|
+| Linear / Dense                       | ``x``                                          | ``h = x W + b``      |
+| LinearGeneral / DenseGeneral (one output axis, trailing input axes) | ``x`` with its input axes flattened | ``h`` |
+| Conv (strides, padding, dilations)   | im2col patches ``(..., kh*kw*C_in)``           | ``h``                |
+| Embed                                | token ids                                      | none                 |
+| LayerNorm, BatchNorm, GroupNorm, RMSNorm | ``xhat = (y - bias) / scale`` (the normalized input) | none        |
+
+Convolutions with ``feature_group_count > 1``, circular or causal padding,
+and LinearGeneral with several output axes are not captured: they get the
+plain gradient, and the transform's warning names them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def dense(layer: dict, x: jax.Array) -> tuple[jax.Array, dict]:
+  """A dense layer for pure-JAX models: returns ``h`` and its activations entry.
+
+  Example:
+    >>> import jax.numpy as jnp, sngd_jax
+    >>> layer = {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}
+    >>> h, entry = sngd_jax.dense(layer, jnp.ones((4, 3)))
+    >>> sorted(entry)
+    ['inputs', 'outputs']
+  """
+  h = x @ layer["kernel"]
+  if "bias" in layer:
+    h = h + layer["bias"]
+  return h, {"inputs": jax.lax.stop_gradient(x),
+             "outputs": jax.lax.stop_gradient(h)}
+
+
+# ----------------------------------------------------------------------------
+# Entries, shared by NNX and linen (their layers have the same attributes).
+
+
+def _flat_rows(x):
+  return jnp.reshape(x, (-1, x.shape[-1]))
+
+
+def _padding(padding, spatial: int):
+  if isinstance(padding, str):
+    return padding.upper() if padding.upper() in ("SAME", "VALID") else None
+  if isinstance(padding, int):
+    return [(padding, padding)] * spatial
+  pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+  return pads if len(pads) == spatial else None
+
+
+def _tuple(value, spatial):
+  if value is None:
+    return (1,) * spatial
+  if isinstance(value, int):
+    return (value,) * spatial
+  return tuple(value)
+
+
+def conv_patches(layer, x):
+  """im2col patches of a Flax Conv's input, ordered like its kernel's rows.
+
+  Returns ``None`` where the convolution is not supported (groups, circular
+  or causal padding).
+  """
+  kernel_size = tuple(layer.kernel_size) if not isinstance(
+      layer.kernel_size, int) else (layer.kernel_size,)
+  spatial = len(kernel_size)
+  padding = _padding(layer.padding, spatial)
+  if padding is None or layer.feature_group_count != 1:
+    return None
+  if x.ndim == spatial + 1:
+    x = x[None]
+  batch_shape = x.shape[:-(spatial + 1)]
+  x = jnp.reshape(x, (-1,) + x.shape[-(spatial + 1):])
+  letters = "DHW"[-spatial:] if spatial <= 3 else None
+  patches = jax.lax.conv_general_dilated_patches(
+      x, kernel_size, _tuple(layer.strides, spatial), padding,
+      lhs_dilation=_tuple(layer.input_dilation, spatial),
+      rhs_dilation=_tuple(layer.kernel_dilation, spatial),
+      dimension_numbers=(f"N{letters}C", f"{letters}IO", f"N{letters}C"))
+  # The patch features come channel-major; the kernel's rows are (k..., C).
+  channels = x.shape[-1]
+  taps = math.prod(kernel_size)
+  patches = jnp.reshape(patches, patches.shape[:-1] + (channels, taps))
+  patches = jnp.swapaxes(patches, -1, -2)
+  return jnp.reshape(patches, batch_shape + patches.shape[1:-2] + (taps * channels,))
+
+
+def _general_inputs(layer, x):
+  """LinearGeneral/DenseGeneral: flatten trailing input axes, one output axis."""
+  features = layer.out_features if hasattr(layer, "out_features") else layer.features
+  axis = layer.axis if hasattr(layer, "axis") else -1
+  features = (features,) if isinstance(features, int) else tuple(features)
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  axes = tuple(sorted(a % x.ndim for a in axes))
+  if len(features) != 1 or axes != tuple(range(x.ndim - len(axes), x.ndim)):
+    return None
+  if getattr(layer, "batch_axis", None):
+    return None
+  return jnp.reshape(x, x.shape[:x.ndim - len(axes)] + (-1,))
+
+
+def _normalized(y, scale, bias):
+  """``xhat`` from a norm layer's output ``y = scale * xhat + bias``."""
+  if bias is not None:
+    y = y - bias
+  if scale is None:
+    return y
+  safe = jnp.where(jnp.abs(scale) > 1e-12, scale, 1.0)
+  return jnp.where(jnp.abs(scale) > 1e-12, y / safe, 0.0)
+
+
+def _entry(kind, layer, x, y, scale=None, bias=None):
+  """The activations entry of one call, or None if the layer is unsupported."""
+  if kind == "dense":
+    return {"inputs": x, "outputs": y}
+  if kind == "general":
+    x = _general_inputs(layer, x)
+    return None if x is None else {"inputs": x, "outputs": y}
+  if kind == "conv":
+    patches = conv_patches(layer, x)
+    return None if patches is None else {"inputs": patches, "outputs": y}
+  if kind == "embed":
+    return {"inputs": x}
+  return {"inputs": _normalized(y, scale, bias)}  # norm
+
+
+def _merge(entries: list[dict]) -> dict:
+  """Rows of every use of one layer, stacked: statistics average over uses."""
+  if len(entries) == 1:
+    return jax.tree.map(jax.lax.stop_gradient, entries[0])
+  merged = {}
+  for key in entries[0]:
+    parts = [e[key] for e in entries]
+    if key == "inputs" and jnp.issubdtype(parts[0].dtype, jnp.integer):
+      merged[key] = jnp.concatenate([jnp.reshape(p, (-1,)) for p in parts])
+    else:
+      merged[key] = jnp.concatenate([_flat_rows(p) for p in parts])
+  return jax.tree.map(jax.lax.stop_gradient, merged)
+
+
+def _nest(flat: dict[tuple, dict]) -> dict:
+  """``{("a", "0"): entry}`` -> ``{"a": {"0": entry}}`` (keys as the params have them)."""
+  tree: dict = {}
+  for path, entry in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = entry
+  return tree
+
+
+# ----------------------------------------------------------------------------
+# Flax NNX.
+
+
+def _nnx_kinds():
+  from flax import nnx
+  return {nnx.Linear: "dense", nnx.LinearGeneral: "general", nnx.Conv: "conv",
+          nnx.Embed: "embed", nnx.LayerNorm: "norm", nnx.BatchNorm: "norm",
+          nnx.GroupNorm: "norm", nnx.RMSNorm: "norm"}
+
+
+def _nnx_value(variable):
+  return None if variable is None else variable[...]
+
+
+@contextlib.contextmanager
+def _patched_nnx_calls(record):
+  """Wraps ``__call__`` of the NNX layer classes for the duration of a trace."""
+  kinds = _nnx_kinds()
+  originals = {cls: cls.__call__ for cls in kinds}
+
+  def wrap(kind, original):
+    def call(self, x, *args, **kwargs):
+      y = original(self, x, *args, **kwargs)
+      entry = _entry(kind, self, x, y, _nnx_value(getattr(self, "scale", None)),
+                     _nnx_value(getattr(self, "bias", None)))
+      if entry is not None:
+        record[id(self)].append(entry)
+      return y
+    return call
+
+  try:
+    for cls, kind in kinds.items():
+      cls.__call__ = wrap(kind, originals[cls])
+    yield
+  finally:
+    for cls, original in originals.items():
+      cls.__call__ = original
+
+
+def nnx_capture(model, *args, **kwargs) -> tuple[Any, dict]:
+  """Runs an ``nnx.Module`` once and returns ``(output, activations)``.
+
+  ``activations`` mirrors ``nnx.state(model, nnx.Param)``: pass it to
+  ``optimizer.update(model, grads, activations=activations)``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sngd_jax
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.relu,
+    ...                        nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
+    >>> optimizer = nnx.Optimizer(model, sngd_jax.sngd(0.1), wrt=nnx.Param)
+    >>> def loss_fn(model, x):
+    ...   y, acts = sngd_jax.nnx_capture(model, x)
+    ...   return jnp.mean(y ** 2), acts
+    >>> (loss, acts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(
+    ...     model, jnp.ones((8, 3)))
+    >>> _ = optimizer.update(model, grads, activations=acts)
+  """
+  from flax import nnx
+
+  record: dict[int, list] = defaultdict(list)
+  with _patched_nnx_calls(record):
+    output = model(*args, **kwargs)
+  flat = {}
+  for path, module in nnx.iter_modules(model):
+    if id(module) in record and tuple(path) not in flat:
+      flat[tuple(path)] = _merge(record[id(module)])
+  return output, _nest(flat)
+
+
+# ----------------------------------------------------------------------------
+# Flax linen.
+
+
+def _linen_kinds():
+  from flax import linen as nn
+  return {nn.Dense: "dense", nn.DenseGeneral: "general", nn.Conv: "conv",
+          nn.Embed: "embed", nn.LayerNorm: "norm", nn.BatchNorm: "norm",
+          nn.GroupNorm: "norm", nn.RMSNorm: "norm"}
+
+
+def linen_capture(module, variables, *args, **kwargs) -> tuple[Any, dict]:
+  """``module.apply(variables, *args, **kwargs)`` plus the activations.
+
+  Returns ``(apply's result, activations)``; ``activations`` mirrors
+  ``variables["params"]``. Keyword arguments go to ``apply`` (``mutable=``,
+  ``rngs=``, ``method=``...).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, sngd_jax
+    >>> from flax import linen as nn
+    >>> model = nn.Dense(2)
+    >>> variables = model.init(jax.random.PRNGKey(0), jnp.ones((1, 3)))
+    >>> y, acts = sngd_jax.linen_capture(model, variables, jnp.ones((4, 3)))
+    >>> acts["inputs"].shape
+    (4, 3)
+  """
+  from flax import linen as nn
+
+  kinds = _linen_kinds()
+  record: dict[tuple, list] = defaultdict(list)
+
+  def interceptor(next_fun, call_args, call_kwargs, context):
+    y = next_fun(*call_args, **call_kwargs)
+    layer = context.module
+    kind = next((k for cls, k in kinds.items() if isinstance(layer, cls)), None)
+    if kind is None or context.method_name != "__call__":
+      return y
+    params = layer.variables.get("params", {})
+    entry = _entry(kind, layer, call_args[0], y, params.get("scale"),
+                   params.get("bias"))
+    if entry is not None:
+      record[tuple(layer.scope.path)].append(entry)
+    return y
+
+  with nn.intercept_methods(interceptor):
+    output = module.apply(variables, *args, **kwargs)
+  flat = {path: _merge(entries) for path, entries in record.items()}
+  if () in flat:  # The module itself is a captured layer.
+    return output, flat[()]
+  return output, _nest(flat)

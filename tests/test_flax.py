@@ -1,0 +1,240 @@
+"""Flax NNX and linen models train with SNGD without rewriting them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import sngd_jax
+from test_exact_ngd import DAMPING, RELATIVE, damp, with_ones
+
+EXACT = dict(ema_decay=0.0, damping=DAMPING, relative_damping=RELATIVE)
+
+
+def one_update(params, grads, acts, **options):
+  tx = sngd_jax.scale_by_sngd(**{**EXACT, **options})
+  return tx.update(grads, tx.init(params), params, activations=acts)[0]
+
+
+def dense_reference(x, g_kernel, g_bias):
+  xt = with_ones(np.asarray(x).reshape(-1, x.shape[-1]))
+  g = np.concatenate([np.asarray(g_kernel).reshape(xt.shape[1] - 1, -1),
+                      np.asarray(g_bias)[None]])
+  return np.linalg.solve(damp(xt.T @ xt / xt.shape[0]), g)
+
+
+@pytest.mark.parametrize("strides,padding,dilation", [
+    (1, "SAME", 1), (2, "VALID", 1), ((2, 1), [(1, 2), (0, 1)], 1),
+    (1, "SAME", 2), (1, 1, (1, 2))])
+def test_conv_patches_reproduce_the_convolution(strides, padding, dilation):
+  conv = nnx.Conv(3, 5, (3, 2), strides=strides, padding=padding,
+                  kernel_dilation=dilation, rngs=nnx.Rngs(0),
+                  param_dtype=jnp.float64)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 8, 3), jnp.float64)
+  patches = sngd_jax.conv_patches(conv, x)
+  y = conv(x)
+  np.testing.assert_allclose(
+      patches @ conv.kernel[...].reshape(-1, 5) + conv.bias[...], y, atol=1e-12)
+
+
+def test_conv_1d_and_grouped():
+  conv = nnx.Conv(2, 4, 3, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+  x = jnp.ones((3, 10, 2), jnp.float64)
+  np.testing.assert_allclose(
+      sngd_jax.conv_patches(conv, x) @ conv.kernel[...].reshape(-1, 4)
+      + conv.bias[...], conv(x), atol=1e-12)
+  grouped = nnx.Conv(4, 4, 3, feature_group_count=2, rngs=nnx.Rngs(0))
+  assert sngd_jax.conv_patches(grouped, jnp.ones((1, 5, 4))) is None
+
+
+class CNN(nnx.Module):
+
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs, param_dtype=jnp.float64)
+    self.norm = nnx.BatchNorm(4, rngs=rngs, param_dtype=jnp.float64)
+    self.embed = nnx.Embed(6, 4, rngs=rngs, param_dtype=jnp.float64)
+    self.head = nnx.Linear(4 * 5 * 5, 3, rngs=rngs, param_dtype=jnp.float64)
+
+  def __call__(self, images, tokens):
+    h = nnx.relu(self.norm(self.conv(images)))
+    h = h + self.embed(tokens)[:, None, None, :]
+    return self.head(h.reshape(h.shape[0], -1))
+
+
+def cnn_batch():
+  images = jax.random.normal(jax.random.PRNGKey(2), (8, 5, 5, 1), jnp.float64)
+  tokens = jnp.array([0, 1, 1, 2, 5, 5, 5, 3])
+  labels = jnp.arange(8) % 3
+  return images, tokens, labels
+
+
+def cnn_loss(model, images, tokens, labels):
+  logits, acts = sngd_jax.nnx_capture(model, images, tokens)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return loss, acts
+
+
+def test_nnx_layers_get_their_local_fisher():
+  model = CNN(nnx.Rngs(0))
+  images, tokens, labels = cnn_batch()
+  (_, acts), grads = nnx.value_and_grad(cnn_loss, has_aux=True)(
+      model, images, tokens, labels)
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  grads = nnx.as_pure(nnx.state(grads, nnx.Param))
+  assert set(acts) == {"conv", "norm", "embed", "head"}
+  updates = one_update(params, grads, acts)
+
+  # Convolution: the linear block over im2col patches.
+  patches = sngd_jax.conv_patches(model.conv, images)
+  expected = dense_reference(patches, grads["conv"]["kernel"],
+                             grads["conv"]["bias"])
+  np.testing.assert_allclose(updates["conv"]["kernel"].reshape(-1, 4),
+                             expected[:-1], rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(updates["conv"]["bias"], expected[-1], rtol=1e-9)
+
+  # Batch norm: a 2x2 block per channel over [xhat_c, 1].
+  conv_out = model.conv(images)
+  mean = conv_out.mean((0, 1, 2))
+  var = conv_out.var((0, 1, 2))
+  xhat = np.asarray((conv_out - mean) / np.sqrt(var + model.norm.epsilon)).reshape(-1, 4)
+  for c in range(4):
+    z = np.stack([xhat[:, c], np.ones(len(xhat))], axis=1)
+    g = np.array([grads["norm"]["scale"][c], grads["norm"]["bias"][c]])
+    expected = np.linalg.solve(damp(z.T @ z / len(z)), g)
+    np.testing.assert_allclose(
+        [updates["norm"]["scale"][c], updates["norm"]["bias"][c]], expected,
+        rtol=1e-7)
+
+  # Embedding: each row scaled by 1 / (frequency + damping).
+  freq = np.bincount(np.asarray(tokens), minlength=6) / len(tokens)
+  shift = DAMPING + RELATIVE * freq.sum() / 6
+  np.testing.assert_allclose(updates["embed"]["embedding"],
+                             grads["embed"]["embedding"] / (freq + shift)[:, None],
+                             rtol=1e-10)
+
+  # Dense head on the flattened features.
+  np.testing.assert_allclose(
+      np.concatenate([updates["head"]["kernel"], updates["head"]["bias"][None]]),
+      dense_reference(acts["head"]["inputs"], grads["head"]["kernel"],
+                      grads["head"]["bias"]), rtol=1e-9, atol=1e-12)
+
+
+class Shared(nnx.Module):
+  """A nested block whose layer is used twice, inside an nnx.List."""
+
+  def __init__(self, rngs):
+    self.blocks = nnx.List([nnx.Linear(3, 3, rngs=rngs, param_dtype=jnp.float64)
+                            for _ in range(2)])
+    self.norm = nnx.LayerNorm(3, rngs=rngs, param_dtype=jnp.float64)
+
+  def __call__(self, x):
+    first = self.blocks[0]
+    return self.norm(self.blocks[1](nnx.tanh(first(nnx.tanh(first(x))))))
+
+
+def test_module_used_twice_averages_over_both_uses_and_paths_nest():
+  model = Shared(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(1), (5, 3), jnp.float64)
+  calls = []
+  original = nnx.Linear.__call__
+  try:
+    nnx.Linear.__call__ = lambda self, x: (calls.append(1), original(self, x))[1]
+    (_, acts), grads = nnx.value_and_grad(
+        lambda m: (lambda y, a: (jnp.sum(y ** 2), a))(*sngd_jax.nnx_capture(m, x)),
+        has_aux=True)(model)
+  finally:
+    nnx.Linear.__call__ = original
+  assert len(calls) == 3  # one forward pass: three Linear calls, not six
+  assert sorted(acts) == ["blocks", "norm"]
+  assert sorted(acts["blocks"]) == [0, 1]
+  assert acts["blocks"][0]["inputs"].shape == (10, 3)  # both uses' rows
+  first_in = x
+  second_in = jnp.tanh(model.blocks[0](x))
+  np.testing.assert_allclose(acts["blocks"][0]["inputs"],
+                             jnp.concatenate([first_in, second_in]), atol=1e-12)
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  grads = nnx.as_pure(nnx.state(grads, nnx.Param))
+  updates = one_update(params, grads, acts)
+  expected = dense_reference(acts["blocks"][0]["inputs"],
+                             grads["blocks"][0]["kernel"],
+                             grads["blocks"][0]["bias"])
+  np.testing.assert_allclose(updates["blocks"][0]["kernel"], expected[:-1],
+                             rtol=1e-9, atol=1e-12)
+
+
+def test_activations_for_a_missing_layer_name_the_path():
+  model = Shared(nnx.Rngs(0))
+  _, acts = sngd_jax.nnx_capture(model, jnp.ones((2, 3), jnp.float64))
+  acts["blocks"][2] = acts["blocks"][1]
+  optimizer = nnx.Optimizer(model, sngd_jax.sngd(0.1), wrt=nnx.Param)
+  grads = nnx.state(model, nnx.Param)
+  with pytest.raises(ValueError, match="'blocks/2'"):
+    optimizer.update(model, grads, activations=acts)
+
+
+def test_nnx_cnn_trains_under_nnx_jit():
+  model = CNN(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, sngd_jax.sngd(0.1, momentum=0.9,
+                                                 inverse_every=5), wrt=nnx.Param)
+  images, tokens, labels = cnn_batch()
+
+  @nnx.jit
+  def step(model, optimizer):
+    (loss, acts), grads = nnx.value_and_grad(cnn_loss, has_aux=True)(
+        model, images, tokens, labels)
+    optimizer.update(model, grads, activations=acts)
+    return loss
+
+  losses = [float(step(model, optimizer)) for _ in range(30)]
+  assert losses[-1] < 0.2 * losses[0], losses
+
+
+class LinenCNN(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.LayerNorm()(nn.Conv(4, (3, 3), strides=2)(x)))
+    return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def test_linen_cnn_trains_and_activations_mirror_params():
+  model = LinenCNN()
+  images, _, labels = cnn_batch()
+  images = images.astype(jnp.float32)
+  variables = model.init(jax.random.PRNGKey(0), images)
+  params = variables["params"]
+  tx = sngd_jax.sngd(0.1, momentum=0.9, inverse_every=5)
+  state = tx.init(params)
+
+  def loss_fn(params):
+    logits, acts = sngd_jax.linen_capture(model, {"params": params}, images)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, labels).mean(), acts
+
+  @jax.jit
+  def step(params, state):
+    (loss, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    return optax.apply_updates(params, updates), state, loss, acts
+
+  _, _, _, acts = step(params, state)
+  assert sorted(acts) == ["Conv_0", "Dense_0", "LayerNorm_0"]
+  assert acts["Conv_0"]["inputs"].shape == (8, 3, 3, 9)
+  losses = []
+  for _ in range(30):
+    params, state, loss, _ = step(params, state)
+    losses.append(float(loss))
+  assert losses[-1] < 0.2 * losses[0], losses
+  assert int(state[0].inverse_faults) == 0
+
+
+def test_pure_jax_dense_helper_matches_manual_entries():
+  layer = {"kernel": jnp.ones((3, 2)), "bias": jnp.arange(2.0)}
+  x = jnp.arange(12.0).reshape(4, 3)
+  h, entry = sngd_jax.dense(layer, x)
+  np.testing.assert_allclose(h, x @ layer["kernel"] + layer["bias"])
+  np.testing.assert_allclose(entry["outputs"], h)
+  np.testing.assert_allclose(entry["inputs"], x)
