@@ -374,8 +374,9 @@ def scale_by_sngd(
       stats[layer.path] = layer.block.init(dtype)
       preconditioners[layer.path] = layer.block.refresh(
           stats[layer.path], damping, relative_damping, solver)
-    zero = jnp.zeros([], jnp.int32)
-    return ScaleBySNGDState(zero, stats, preconditioners, zero, zero)
+    # Distinct arrays (not one shared zero) so that the state can be donated.
+    zeros = [jnp.zeros([], jnp.int32) for _ in range(3)]
+    return ScaleBySNGDState(zeros[0], stats, preconditioners, *zeros[1:])
 
   def update_fn(updates, state, params=None, *, activations=None, **extra):
     del extra

@@ -1,0 +1,3 @@
+from sngd_jax.bench import main
+
+main()

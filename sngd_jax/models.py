@@ -1,0 +1,75 @@
+"""Flax linen models used by the benchmark and the notebooks."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+class MLP(nn.Module):
+  """ReLU MLP on flattened inputs (the SNGD paper's shapes: (80, 80, 80))."""
+
+  hidden: Sequence[int]
+  outputs: int = 10
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for width in self.hidden:
+      x = nn.relu(nn.Dense(width)(x))
+    return nn.Dense(self.outputs)(x)
+
+
+class Autoencoder(nn.Module):
+  """The classic deep autoencoder 784-1000-500-250-30-250-500-1000-784.
+
+  Sigmoid units, a linear 30-unit code; returns the reconstruction's logits.
+  """
+
+  encoder: Sequence[int] = (1000, 500, 250, 30)
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    widths = (*self.encoder, *reversed(self.encoder[:-1]), x.shape[-1])
+    linear = (len(self.encoder) - 1, len(widths) - 1)  # the code and the output
+    for i, width in enumerate(widths):
+      x = nn.Dense(width)(x)
+      if i not in linear:
+        x = nn.sigmoid(x)
+    return x
+
+
+class CNN(nn.Module):
+  """Strided 1D/2D convolutions then a dense head (MNIST-1D: 3 x Conv(25, 5, stride 2))."""
+
+  channels: Sequence[int] = (25, 25, 25)
+  kernel: int = 5
+  outputs: int = 10
+  spatial: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    if x.ndim == self.spatial + 1:  # add the channel axis
+      x = x[..., None]
+    for channels in self.channels:
+      x = nn.relu(nn.Conv(channels, (self.kernel,) * self.spatial,
+                          strides=2)(x))
+    return nn.Dense(self.outputs)(x.reshape(x.shape[0], -1))
+
+
+class GRU(nn.Module):
+  """A GRU over the sequence, unrolled in Python so every step is captured."""
+
+  hidden: int = 32
+  outputs: int = 10
+
+  @nn.compact
+  def __call__(self, x):
+    cell = nn.GRUCell(self.hidden)
+    h = jnp.zeros((x.shape[0], self.hidden), x.dtype)
+    for t in range(x.shape[1]):
+      h, _ = cell(h, x[:, t, None])
+    return nn.Dense(self.outputs)(h)
