@@ -121,8 +121,9 @@ def plan_layers(tree, layer_fisher, nystrom):
   table, or of ``scale``/``bias`` without a kernel (normalization layers).
 
   Returns:
-    ``(layers, passthrough)``: the layers, and the paths of the leaves that
-    belong to none and pass through unchanged.
+    ``(layers, passthrough, opted_out)``: the layers; the paths of the leaves
+    that belong to none and pass through unchanged; the paths of the modules
+    that ``layer_fisher`` maps to ``"none"`` (their activations are ignored).
   """
   leaves_with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
   modules: dict[tuple[str, ...], dict[str, tuple[int, Any]]] = {}
@@ -130,16 +131,18 @@ def plan_layers(tree, layer_fisher, nystrom):
     names = path_tuple(path)
     modules.setdefault(names[:-1], {})[names[-1] if names else ""] = (index, leaf)
 
-  layers, claimed = [], set()
+  layers, claimed, opted_out = [], set(), set()
   for module_path, children in modules.items():
     path = path_str(module_path)
     layer = _module_layer(path, children, layer_fisher, nystrom)
-    if layer is not None:
+    if layer is None:
+      opted_out.add(path)
+    else:
       layers.append(layer)
       claimed.update(index for index, _, _ in layer.leaves)
   passthrough = [path_str(path_tuple(p)) for i, (p, _) in
                  enumerate(leaves_with_path) if i not in claimed]
-  return layers, passthrough
+  return layers, passthrough, opted_out
 
 
 def _module_layer(path, children, layer_fisher, nystrom):
@@ -366,7 +369,7 @@ def scale_by_sngd(
     return plan_layers(tree, layer_fisher, nystrom)
 
   def init_fn(params):
-    layers, _ = plan(params)
+    layers, _, _ = plan(params)
     leaves = jax.tree.leaves(params)
     stats, preconditioners = {}, {}
     for layer in layers:
@@ -389,9 +392,11 @@ def scale_by_sngd(
       raise ValueError("scale_by_sngd needs activations=...: the inputs and "
                        "outputs of each layer in this forward pass "
                        "(sngd_jax.nnx_capture / linen_capture build them)")
-    layers, passthrough = plan(updates)
+    layers, passthrough, opted_out = plan(updates)
     by_path = {layer.path: layer for layer in layers}
-    entries = flatten_activations(activations)
+    entries = {path: entry for path, entry in
+               flatten_activations(activations).items()
+               if path not in opted_out}
     for path in entries:
       if path not in by_path:
         raise ValueError(f"activations has an entry at {path!r} but params "

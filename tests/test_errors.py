@@ -124,3 +124,12 @@ def test_unpreconditioned_parameters_are_named_once(setup):
   with pytest.warns(UserWarning, match="encoder/temperature.*encoder/layer1"):
     updates, _ = tx.update(grads, state, params, activations=acts)
   assert float(updates["encoder"]["temperature"]) == pytest.approx(-0.1)
+
+
+def test_activations_of_layers_mapped_to_none_are_ignored(setup):
+  _, _, params, acts, grads = setup
+  tx = sngd_jax.sngd(0.1, layer_fisher={"encoder/layer0": "none"})
+  with pytest.warns(UserWarning, match=r"\['encoder/layer0/bias', 'encoder/layer0/kernel'\]"):
+    updates, state = tx.update(grads, tx.init(params), params, activations=acts)
+  assert sorted(state[0].stats) == ["encoder/layer1"]
+  assert jnp.allclose(updates["encoder"]["layer0"]["kernel"], -0.1)
