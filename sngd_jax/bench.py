@@ -70,7 +70,7 @@ def tasks(suite: str, fast: bool) -> list[Task]:
            epochs(40), 0.5, published="68%"),
       Task("mnist1d-cnn", mnist1d, lambda: models.CNN(), 100, epochs(30), 0.3,
            published="94%"),
-      Task("mnist1d-gru", lambda: _sequence(mnist1d()),
+      Task("mnist1d-gru", mnist1d,
            lambda: models.GRU(32), 100, epochs(20), 1.0, published="91%"),
   ]
   if suite == "full":
@@ -102,12 +102,6 @@ def _cached(fn):
     return cache[0]
 
   return get
-
-
-def _sequence(d: datasets.Dataset) -> datasets.Dataset:
-  """MNIST-1D as (N, 40, 1) sequences for the GRU."""
-  return d._replace(**{k: getattr(d, k)[..., None]
-                       for k in ("x_train", "x_val", "x_test")})
 
 
 # ----------------------------------------------------------------------------

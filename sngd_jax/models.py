@@ -68,8 +68,10 @@ class GRU(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    if x.ndim == 2:  # (batch, time) -> one feature per step
+      x = x[..., None]
     cell = nn.GRUCell(self.hidden)
     h = jnp.zeros((x.shape[0], self.hidden), x.dtype)
     for t in range(x.shape[1]):
-      h, _ = cell(h, x[:, t, None])
+      h, _ = cell(h, x[:, t])
     return nn.Dense(self.outputs)(h)

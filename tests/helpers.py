@@ -10,7 +10,7 @@ def mlp_params(key, sizes, dtype=jnp.float64):
   for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
     key, k1, k2 = jax.random.split(key, 3)
     params[f"layer{i}"] = {
-        "kernel": jax.random.normal(k1, (d_in, d_out), dtype) / np.sqrt(d_in),
+        "kernel": jax.random.normal(k1, (d_in, d_out), dtype) / d_in ** 0.5,
         "bias": 0.1 * jax.random.normal(k2, (d_out,), dtype),
     }
   return params

@@ -1,0 +1,24 @@
+"""The README's Python examples run as written (each in a fresh interpreter)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).parent.parent / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def test_readme_has_the_examples():
+  assert len(BLOCKS) == 3
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)))
+def test_readme_example_runs_and_learns(index):
+  result = subprocess.run([sys.executable, "-c", BLOCKS[index]],
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  loss = float(re.search(r"after 50 steps: ([0-9.]+)", result.stdout).group(1))
+  assert loss < 0.5, result.stdout

@@ -1,0 +1,172 @@
+"""Numerical faults never corrupt the state; checkpoints and seeds reproduce runs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import sngd_jax
+from helpers import blobs, loss_and_acts, mlp_forward, mlp_params
+
+
+def fresh(dtype=jnp.float32, **options):
+  params = mlp_params(jax.random.PRNGKey(0), [6, 5, 3], dtype)
+  x, labels = blobs(jax.random.PRNGKey(1), n=16, d=6, classes=3, dtype=dtype)
+  tx = sngd_jax.scale_by_sngd(inverse_every=1, **options)
+  state = tx.init(params)
+  (_, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(
+      params, x, labels)
+  # One good step first, so that there is a last good preconditioner to keep.
+  _, state = tx.update(grads, state, params, activations=acts)
+  return tx, state, params, acts, grads
+
+
+def finite(tree):
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
+
+
+def corrupt(acts, value, layer="layer0"):
+  acts = jax.tree.map(lambda a: a, acts)
+  acts[layer]["inputs"] = acts[layer]["inputs"].at[0, 0].set(value)
+  return acts
+
+
+@pytest.mark.parametrize("value", [jnp.nan, jnp.inf, -jnp.inf, 3e19])
+def test_bad_activations_skip_the_statistic_and_keep_the_preconditioner(value):
+  """NaN, Inf, and values whose square overflows float32."""
+  tx, state, params, acts, grads = fresh()
+  updates, new = tx.update(grads, state, params, activations=corrupt(acts, value))
+  assert int(new.stats_faults) == 1 and int(new.inverse_faults) == 0
+  np.testing.assert_array_equal(new.stats["layer0"], state.stats["layer0"])
+  assert finite(new) and finite(updates)
+  # The untouched layer went on as usual.
+  assert not np.array_equal(new.stats["layer1"], state.stats["layer1"])
+
+
+@pytest.mark.parametrize("name,make", [
+    ("all zero", lambda x: jnp.zeros_like(x)),
+    ("rank one", lambda x: jnp.outer(jnp.arange(x.shape[0], dtype=x.dtype), x[0])),
+    ("duplicate rows", lambda x: jnp.broadcast_to(x[:1], x.shape)),
+    ("huge but finite", lambda x: x * 1e15),
+])
+def test_degenerate_batches_give_finite_updates(name, make):
+  tx, state, params, acts, grads = fresh(ema_decay=0.0)
+  acts["layer0"]["inputs"] = make(acts["layer0"]["inputs"])
+  updates, new = tx.update(grads, state, params, activations=acts)
+  assert finite(updates) and finite(new), name
+  assert int(new.stats_faults) == 0 and int(new.inverse_faults) == 0, name
+
+
+def test_failed_inverse_keeps_the_last_good_one_and_is_counted():
+  # Arrays bypass the option checks (as inject_hyperparams' do): no damping.
+  tx, state, params, acts, grads = fresh(
+      ema_decay=0.0, damping=jnp.asarray(0.0), relative_damping=jnp.asarray(0.0))
+  acts["layer0"]["inputs"] = jnp.zeros_like(acts["layer0"]["inputs"])
+  updates, new = tx.update(grads, state, params, activations=acts)
+  assert int(new.inverse_faults) == 1
+  np.testing.assert_array_equal(new.preconditioners["layer0"],
+                                state.preconditioners["layer0"])
+  assert finite(updates) and finite(new.preconditioners)
+
+
+def test_nan_gradients_never_reach_params_with_apply_if_finite():
+  _, _, params, acts, grads = fresh()
+  tx = optax.apply_if_finite(sngd_jax.sngd(0.1), max_consecutive_errors=5)
+  state = tx.init(params)
+  bad = jax.tree.map(lambda g: g * jnp.nan, grads)
+  for _ in range(3):
+    updates, state = tx.update(bad, state, params, activations=acts)
+    params = optax.apply_updates(params, updates)
+  assert finite(params) and int(state.notfinite_count) == 3
+
+
+@settings(max_examples=25, deadline=None)
+@given(d_in=st.integers(1, 9), width=st.integers(1, 7), batch=st.integers(1, 5),
+       kind=st.sampled_from(["linear", "relu", "tanh", "softmax"]),
+       dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), seed=st.integers(0, 99))
+def test_updates_are_finite_typed_descent_directions(d_in, width, batch, kind,
+                                                     dtype, seed):
+  params = mlp_params(jax.random.PRNGKey(seed), [d_in, width, 3], dtype)
+  x = jax.random.normal(jax.random.PRNGKey(seed + 1), (batch, d_in), dtype)
+  _, acts = mlp_forward(params, x)
+  grads = jax.tree.map(lambda p: jax.random.normal(
+      jax.random.PRNGKey(seed + 2), p.shape, p.dtype), params)
+  tx = sngd_jax.scale_by_sngd(layer_fisher=kind, ema_decay=0.5)
+  updates, state = tx.update(grads, tx.init(params), params, activations=acts)
+  for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)):
+    assert u.shape == g.shape and u.dtype == g.dtype
+  assert finite(updates) and finite(state)
+  inner = sum(jnp.vdot(u.astype(jnp.float32), g.astype(jnp.float32))
+              for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)))
+  assert float(inner) > 0
+
+
+def test_bfloat16_training_stays_finite_and_typed():
+  params = mlp_params(jax.random.PRNGKey(0), [10, 16, 4], jnp.bfloat16)
+  x, labels = blobs(jax.random.PRNGKey(1), n=64, d=10, dtype=jnp.bfloat16)
+  tx = sngd_jax.sngd(0.1, momentum=0.9, inverse_every=5)
+  state = tx.init(params)
+  assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(state[0].stats))
+
+  @jax.jit
+  def step(params, state):
+    (loss, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(
+        params, x, labels)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    return optax.apply_updates(params, updates), state, loss, updates
+
+  losses = []
+  for _ in range(40):
+    params, state, loss, updates = step(params, state)
+    losses.append(float(loss))
+  assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
+  assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
+  assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
+
+
+def run(steps, params, state, tx, x, labels):
+  @jax.jit
+  def step(params, state):
+    (loss, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(
+        params, x, labels)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    return optax.apply_updates(params, updates), state, loss
+
+  losses = []
+  for _ in range(steps):
+    params, state, loss = step(params, state)
+    losses.append(np.asarray(loss))
+  return params, state, losses
+
+
+def test_checkpoint_restores_bitwise_and_resumes_step_for_step(tmp_path):
+  import orbax.checkpoint as ocp
+
+  params = mlp_params(jax.random.PRNGKey(0), [10, 8, 4], jnp.float32)
+  x, labels = blobs(jax.random.PRNGKey(1), n=64, d=10, dtype=jnp.float32)
+  tx = sngd_jax.sngd(0.1, momentum=0.9, inverse_every=3, stats_every=2)
+  _, _, straight = run(20, params, tx.init(params), tx, x, labels)
+
+  half_params, half_state, first = run(10, params, tx.init(params), tx, x, labels)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "ckpt", {"params": half_params, "opt": half_state})
+  with ocp.StandardCheckpointer() as checkpointer:
+    target = {"params": half_params, "opt": half_state}
+    restored = checkpointer.restore(
+        tmp_path / "ckpt", jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
+  jax.tree.map(np.testing.assert_array_equal, restored, target)
+  assert jax.tree.structure(restored["opt"]) == jax.tree.structure(half_state)
+  _, _, second = run(10, restored["params"], restored["opt"], tx, x, labels)
+  np.testing.assert_array_equal(np.array(first + second), np.array(straight))
+
+
+def test_same_seed_is_bitwise_deterministic():
+  x, labels = blobs(jax.random.PRNGKey(1), n=64, d=10, dtype=jnp.float32)
+  results = []
+  for _ in range(2):
+    params = mlp_params(jax.random.PRNGKey(0), [10, 8, 4], jnp.float32)
+    tx = sngd_jax.sngd(0.1, momentum=0.9, inverse_every=3)
+    results.append(run(8, params, tx.init(params), tx, x, labels))
+  jax.tree.map(np.testing.assert_array_equal, results[0], results[1])
