@@ -16,8 +16,8 @@ What each layer records (the transform reads ``inputs``/``outputs``):
 | Embed                                | token ids                                      | none                 |
 | LayerNorm, BatchNorm, GroupNorm, RMSNorm | ``xhat = (y - bias) / scale`` (the normalized input) | none        |
 
-Convolutions with ``feature_group_count > 1``, circular or causal padding,
-and LinearGeneral with several output axes are not captured: they get the
+Convolutions with ``feature_group_count > 1``, circular or causal padding or
+input dilation, and LinearGeneral with several output axes are not captured: they get the
 plain gradient, and the transform's warning names them.
 """
 
@@ -78,31 +78,38 @@ def _tuple(value, spatial):
 def conv_patches(layer, x):
   """im2col patches of a Flax Conv's input, ordered like its kernel's rows.
 
-  Returns ``None`` where the convolution is not supported (groups, circular
-  or causal padding).
+  Built from strided slices of the padded input, one per kernel tap: memory
+  moves only, far cheaper than ``lax.conv_general_dilated_patches`` (a
+  convolution with an identity kernel). Returns ``None`` where the
+  convolution is not supported (groups, circular or causal padding, input
+  dilation).
   """
   kernel_size = tuple(layer.kernel_size) if not isinstance(
       layer.kernel_size, int) else (layer.kernel_size,)
   spatial = len(kernel_size)
   padding = _padding(layer.padding, spatial)
-  if padding is None or layer.feature_group_count != 1:
+  if (padding is None or layer.feature_group_count != 1
+      or any(d != 1 for d in _tuple(layer.input_dilation, spatial))):
     return None
+  strides = _tuple(layer.strides, spatial)
+  dilation = _tuple(layer.kernel_dilation, spatial)
   if x.ndim == spatial + 1:
     x = x[None]
   batch_shape = x.shape[:-(spatial + 1)]
   x = jnp.reshape(x, (-1,) + x.shape[-(spatial + 1):])
-  letters = "DHW"[-spatial:] if spatial <= 3 else None
-  patches = jax.lax.conv_general_dilated_patches(
-      x, kernel_size, _tuple(layer.strides, spatial), padding,
-      lhs_dilation=_tuple(layer.input_dilation, spatial),
-      rhs_dilation=_tuple(layer.kernel_dilation, spatial),
-      dimension_numbers=(f"N{letters}C", f"{letters}IO", f"N{letters}C"))
-  # The patch features come channel-major; the kernel's rows are (k..., C).
-  channels = x.shape[-1]
-  taps = math.prod(kernel_size)
-  patches = jnp.reshape(patches, patches.shape[:-1] + (channels, taps))
-  patches = jnp.swapaxes(patches, -1, -2)
-  return jnp.reshape(patches, batch_shape + patches.shape[1:-2] + (taps * channels,))
+  reach = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(x.shape[1:-1], reach, strides, padding)
+  x = jnp.pad(x, [(0, 0), *padding, (0, 0)])
+  out = [(size - r) // s + 1 for size, r, s in zip(x.shape[1:-1], reach, strides)]
+  taps = []
+  for offset in np.ndindex(*kernel_size):
+    start = [0] + [o * d for o, d in zip(offset, dilation)] + [0]
+    limit = [x.shape[0]] + [b + (n - 1) * s + 1 for b, n, s in
+                            zip(start[1:-1], out, strides)] + [x.shape[-1]]
+    taps.append(jax.lax.slice(x, start, limit, [1, *strides, 1]))
+  patches = jnp.stack(taps, axis=-2)  # (N, out..., taps, C): the kernel's row order
+  return jnp.reshape(patches, batch_shape + patches.shape[1:-2] + (-1,))
 
 
 def _general_inputs(layer, x):

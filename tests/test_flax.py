@@ -48,6 +48,8 @@ def test_conv_1d_and_grouped():
       + conv.bias[...], conv(x), atol=1e-12)
   grouped = nnx.Conv(4, 4, 3, feature_group_count=2, rngs=nnx.Rngs(0))
   assert sngd_jax.conv_patches(grouped, jnp.ones((1, 5, 4))) is None
+  dilated = nnx.Conv(2, 4, 3, input_dilation=2, rngs=nnx.Rngs(0))
+  assert sngd_jax.conv_patches(dilated, jnp.ones((1, 5, 2))) is None
 
 
 class CNN(nnx.Module):

@@ -1,0 +1,65 @@
+"""Run by test_sharding.py in a subprocess with 8 simulated CPU devices.
+
+Prints the largest relative difference between single-device training and
+(a) data-parallel training (batch sharded, params replicated) and
+(b) params sharded by NamedSharding along their output axis.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import sngd_jax
+from helpers import blobs, loss_and_acts, mlp_params
+
+assert jax.device_count() == 8, jax.devices()
+params = mlp_params(jax.random.PRNGKey(0), [16, 32, 8], jnp.float32)
+x, labels = blobs(jax.random.PRNGKey(1), n=64, d=16, classes=8, dtype=jnp.float32)
+tx = sngd_jax.sngd(0.1, momentum=0.9, inverse_every=2,
+                   layer_fisher={"layer0": "relu", "*": "linear"})
+
+
+def step(params, state, x, labels):
+  (loss, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(
+      params, x, labels)
+  updates, state = tx.update(grads, state, params, activations=acts)
+  return optax.apply_updates(params, updates), state, loss
+
+
+def train(params, x, labels, jitted):
+  state = tx.init(params)
+  for _ in range(6):
+    params, state, _ = jitted(params, state, x, labels)
+  return params
+
+
+single = jax.device_put(train(params, x, labels, jax.jit(step)), jax.devices()[0])
+mesh = Mesh(np.array(jax.devices()), ("data",))
+replicated = NamedSharding(mesh, P())
+batch = NamedSharding(mesh, P("data"))
+
+data_parallel = train(jax.device_put(params, replicated), jax.device_put(x, batch),
+                      jax.device_put(labels, batch), jax.jit(step))
+by_output = jax.tree.map(
+    lambda p: jax.device_put(p, NamedSharding(mesh, P(*([None] * (p.ndim - 1)), "data"))),
+    params)
+param_sharded = train(by_output, jax.device_put(x, replicated),
+                      jax.device_put(labels, replicated), jax.jit(step))
+
+
+def rel(a, b):
+  return max(float(jnp.linalg.norm(np.asarray(u) - np.asarray(v)) / jnp.linalg.norm(np.asarray(v)))
+             for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+kernel = param_sharded["layer0"]["kernel"]
+print(json.dumps({
+    "data_parallel": rel(data_parallel, single),
+    "param_sharded": rel(param_sharded, single),
+    "kernel_sharding": str(kernel.sharding.spec),
+    "batch_devices": len(data_parallel["layer0"]["kernel"].sharding.device_set),
+}))

@@ -1,0 +1,22 @@
+"""Data-parallel and parameter-sharded SNGD match one device (8 simulated CPUs)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_sharded_training_matches_single_device():
+  here = Path(__file__).parent
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             PYTHONPATH=f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, str(here / "sharding_check.py")],
+                          capture_output=True, text=True, env=env, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["data_parallel"] < 1e-5, report
+  assert report["param_sharded"] < 1e-5, report
+  assert report["kernel_sharding"] == "PartitionSpec(None, 'data')", report
+  assert report["batch_devices"] == 8, report
