@@ -108,10 +108,10 @@ def tasks(suite: str, fast: bool) -> list[Task]:
           Task("fmnist-mlp-80x6", fmnist, lambda: models.MLP((80,) * 6), 128,
                epochs(10), 0.25),
           Task("fmnist-autoencoder", fmnist, models.Autoencoder, 256,
-               epochs(10), 0.30, loss="bce"),
+               epochs(3), 250.0, loss="bce"),
           Task("fmnist-cnn", fmnist,
                lambda: models.CNN((16, 32), kernel=3, spatial=2), 128,
-               epochs(5), 0.3),
+               epochs(3), 0.3),
       ]
   return out
 

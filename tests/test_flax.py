@@ -240,3 +240,45 @@ def test_pure_jax_dense_helper_matches_manual_entries():
   np.testing.assert_allclose(h, x @ layer["kernel"] + layer["bias"])
   np.testing.assert_allclose(entry["outputs"], h)
   np.testing.assert_allclose(entry["inputs"], x)
+
+
+class Recurrent(nnx.Module):
+  """An NNX LSTM over time, the cell called once per step (unrolled)."""
+
+  def __init__(self, rngs):
+    self.cell = nnx.LSTMCell(2, 8, rngs=rngs)
+    self.head = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    carry = self.cell.initialize_carry((x.shape[0], 2), rngs=nnx.Rngs(0))
+    for t in range(x.shape[1]):
+      carry, h = self.cell(carry, x[:, t])
+    return self.head(h)
+
+
+def test_nnx_lstm_cell_statistics_average_over_time_and_it_trains():
+  model = Recurrent(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(1), (16, 5, 2))
+  labels = (x[:, :, 0].sum(1) > 0).astype(jnp.int32) + (x[:, -1, 1] > 0)
+
+  def loss_fn(model):
+    logits, acts = sngd_jax.nnx_capture(model, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), acts
+
+  _, acts = loss_fn(model)
+  # Every input gate sees x_t at all 5 steps; every recurrent gate sees h_{t-1}.
+  assert acts["cell"]["ii"]["inputs"].shape == (16 * 5, 2)
+  assert acts["cell"]["hi"]["inputs"].shape == (16 * 5, 8)
+  np.testing.assert_allclose(acts["cell"]["ii"]["inputs"][16:32], x[:, 1])
+
+  optimizer = nnx.Optimizer(model, sngd_jax.sngd(0.1, momentum=0.9,
+                                                 inverse_every=5), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer):
+    (loss, acts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads, activations=acts)
+    return loss
+
+  losses = [float(step(model, optimizer)) for _ in range(40)]
+  assert losses[-1] < 0.5 * losses[0], losses
