@@ -15,7 +15,8 @@ last row for the bias when the layer has one (``x~ = [x; 1]``).
 | ``affine``    | norm scale/shift: ``E[z_c z_c^T]``, ``z_c = [xhat_c; 1]`` per channel | ``(C, 2, 2)``         |
 | ``embedding`` | token frequency per row (a diagonal Fisher)                     | ``(vocab,)``                |
 
-Damping is always applied to the block as a whole:
+Damping is always applied to the layer's block as a whole (for per-unit and
+Kronecker kinds, the layer's whole block-diagonal or Kronecker matrix):
 ``G + (damping + relative_damping * trace(G) / dim) * I``.
 """
 
@@ -75,10 +76,17 @@ def second_moment(xt):
 
 
 def _vmapped_inverse(stats, damping, relative_damping, solver):
-  def one(g):
-    return linalg.inverse(linalg.damped(g, damping, relative_damping), solver)
+  """Inverts a layer's per-unit blocks ``(units, n, n)`` in one batched vmap.
 
-  return jax.vmap(one)(stats)
+  The damping is that of the layer's whole block-diagonal Fisher (its trace
+  over its dimension), shared by every unit: a unit whose own block is tiny
+  (a nearly dead ReLU) is not amplified by a damping that shrinks with it.
+  """
+  units, n, _ = stats.shape
+  trace = jnp.sum(jnp.trace(stats, axis1=-2, axis2=-1))
+  shift = linalg.damping_for(trace, units * n, damping, relative_damping)
+  eye = jnp.eye(n, dtype=stats.dtype)
+  return jax.vmap(lambda g: linalg.inverse(g + shift * eye, solver))(stats)
 
 
 def _apply_per_unit(precond, g):

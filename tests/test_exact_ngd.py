@@ -20,9 +20,11 @@ NU = {
 }
 
 
-def damp(g):
-  dim = g.shape[0]
-  return g + (DAMPING + RELATIVE * np.trace(g) / dim) * np.eye(dim)
+def damp(g, trace=None, dim=None):
+  """``g + (damping + relative * trace / dim) I``; by default g's own trace and size."""
+  trace = np.trace(g) if trace is None else trace
+  dim = g.shape[0] if dim is None else dim
+  return g + (DAMPING + RELATIVE * trace / dim) * np.eye(g.shape[0])
 
 
 def with_ones(x):
@@ -43,12 +45,13 @@ def reference_update(kind, x, h, g):
     b = xt.T @ xt / n
     big = damp(np.kron(a, b))  # index (unit j, feature i) = vec(g) by columns
     return np.linalg.solve(big, g.T.reshape(-1)).reshape(g.shape[1], -1).T
-  out = np.empty_like(g)
+  # Per unit: the damping is the layer's (its block-diagonal Fisher's trace).
   nu = NU[kind](h)
-  for j in range(g.shape[1]):
-    gj = (xt * nu[:, j:j + 1]).T @ xt / n
-    out[:, j] = np.linalg.solve(damp(gj), g[:, j])
-  return out
+  blocks = [(xt * nu[:, j:j + 1]).T @ xt / n for j in range(g.shape[1])]
+  trace = sum(np.trace(b) for b in blocks)
+  dim = len(blocks) * xt.shape[1]
+  return np.stack([np.linalg.solve(damp(b, trace, dim), g[:, j])
+                   for j, b in enumerate(blocks)], axis=1)
 
 
 def one_step(kind, solver, params, acts, grads):
