@@ -9,11 +9,21 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: demo test bench-full
+# K-FAC needs jax 0.9.0 (kfac-jax 0.0.8 fails with jax 0.10.x): its own venv.
+PEER := .peers/kfac
+$(PEER)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/pip install 'jax==0.9.0' 'jaxlib==0.9.0' 'kfac-jax==0.0.8' flax optax mnist1d scikit-learn
+	$(PEER)/bin/pip install --no-deps -e .
+	touch $@
+
+.PHONY: demo test bench-full peers
 demo: $(STAMP)
 	$(VENV)/bin/python -m sngd_jax.bench
 
-bench-full: $(STAMP)
+peers: $(PEER)/.installed
+
+bench-full: $(STAMP) peers
 	$(VENV)/bin/python -m sngd_jax.bench --suite full
 
 test: $(STAMP)

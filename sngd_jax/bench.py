@@ -29,6 +29,7 @@ import optax
 import sngd_jax
 from sngd_jax import data as datasets
 from sngd_jax import models
+from sngd_jax import peers as peer_runs
 
 # SNGD's options for every task: one setting, no per-task tuning beyond the
 # learning rate (the other optimizers get their defaults too). Statistics every
@@ -63,8 +64,6 @@ OPTIMIZERS: dict[str, tuple[Callable[[float], optax.GradientTransformation], tup
     "muon": (_muon, (3e-3, 1e-2, 3e-2)),
 }
 
-# Peers that would need their own environment; the table says why they are absent.
-PEERS = {"kfac": "kfac_jax", "psgd": "psgd_jax"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +115,13 @@ def tasks(suite: str, fast: bool) -> list[Task]:
   return out
 
 
+def smoke(task: Task, data: datasets.Dataset, steps: int):
+  """A task cut to about ``steps`` steps (the CI smoke run)."""
+  rows = steps * task.batch_size
+  task = dataclasses.replace(task, epochs=max(1, rows // len(data.x_train)))
+  return task, data._replace(x_train=data.x_train[:rows], y_train=data.y_train[:rows])
+
+
 def _cached(fn):
   cache = []
 
@@ -131,7 +137,9 @@ def _cached(fn):
 # Training.
 
 
-def _loss_fn(task: Task, model):
+def loss_fn(task: Task):
+  """``loss(logits, x, y)``: cross-entropy, or the autoencoder's summed BCE."""
+
   def loss(logits, x, y):
     if task.loss == "bce":
       target = x.reshape(x.shape[0], -1)
@@ -142,7 +150,7 @@ def _loss_fn(task: Task, model):
 
 
 def _make_chunk(task, model, tx, needs_activations):
-  loss = _loss_fn(task, model)
+  loss = loss_fn(task)
 
   def objective(params, x, y):
     if needs_activations:
@@ -165,12 +173,19 @@ def _make_chunk(task, model, tx, needs_activations):
                                                (xs, ys))
     return params, opt_state, values.mean()
 
+  return jax.jit(chunk, donate_argnums=(0, 1)), make_evaluate(task, model)
+
+
+def make_evaluate(task, model):
+  """``evaluate(params, x, y) -> (loss, accuracy)``, jitted."""
+  loss = loss_fn(task)
+
   def evaluate(params, x, y):
     logits = model.apply({"params": params}, x)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == y) if task.loss == "xent" else jnp.nan
     return loss(logits, x, y), accuracy
 
-  return jax.jit(chunk, donate_argnums=(0, 1)), jax.jit(evaluate)
+  return jax.jit(evaluate)
 
 
 def _evaluate_in_batches(evaluate, params, x, y, size=5000):
@@ -186,7 +201,7 @@ _COMPILED: dict = {}  # (task, optimizer, chunk shape) -> compiled chunk and eva
 
 def train(task: Task, data: datasets.Dataset, optimizer: str, lr: float,
           seed: int = 0, evals_per_epoch: int = 4, progress=None) -> dict:
-  """One run; returns its history and final metrics. Evaluation is not timed.
+  """One Optax run; returns its history and final metrics.
 
   The learning rate lives in the optimizer state (``inject_hyperparams``), so
   one compiled program serves every learning rate of the grid.
@@ -198,13 +213,7 @@ def train(task: Task, data: datasets.Dataset, optimizer: str, lr: float,
     tx = optax.chain(optax.clip_by_global_norm(task.clip), tx)
   params = model.init(jax.random.PRNGKey(seed), data.x_train[:2])["params"]
   opt_state = tx.init(params)
-  state_bytes = sum(x.nbytes for x in jax.tree.leaves(opt_state))
-
-  steps_per_epoch = len(data.x_train) // task.batch_size
-  chunk_steps = max(1, steps_per_epoch // evals_per_epoch)
-  chunks_per_epoch = steps_per_epoch // chunk_steps
-  rng = np.random.default_rng(seed)  # the same batches for every optimizer
-  shape = (chunk_steps, task.batch_size)
+  shape = (chunk_shape(task, data, evals_per_epoch)[0], task.batch_size)
   key = (task.name, optimizer, shape)
   compile_start = time.perf_counter()
   if key not in _COMPILED:
@@ -220,38 +229,14 @@ def train(task: Task, data: datasets.Dataset, optimizer: str, lr: float,
   jax.block_until_ready(chunk(*copies, jnp.zeros(shape + data.x_train.shape[1:], jnp.float32),
                               jnp.zeros(shape, jnp.int32)))
 
-  wall, steps, history = 0.0, 0, []
-  train_loss, _ = _evaluate_in_batches(evaluate, params, data.x_train, data.y_train)
-  history.append(dict(step=0, epoch=0.0, wall=0.0, train_loss=train_loss))
-  for epoch in range(task.epochs):
-    order = rng.permutation(len(data.x_train))[:chunks_per_epoch * chunk_steps * task.batch_size]
-    xs = jnp.asarray(data.x_train[order].reshape((chunks_per_epoch,) + shape + data.x_train.shape[1:]))
-    ys = jnp.asarray(data.y_train[order].reshape((chunks_per_epoch,) + shape))
-    for c in range(chunks_per_epoch):
-      start = time.perf_counter()
-      params, opt_state, _ = chunk(params, opt_state, xs[c], ys[c])
-      jax.block_until_ready(params)
-      wall += time.perf_counter() - start
-      steps += chunk_steps
-      train_loss, _ = _evaluate_in_batches(evaluate, params, data.x_train, data.y_train)
-      history.append(dict(step=steps, epoch=steps / steps_per_epoch, wall=wall,
-                          train_loss=train_loss))
-      if not np.isfinite(train_loss):
-        break
-    if progress is not None:
-      progress.update(1)
-    if not np.isfinite(train_loss):
-      break
-  val_loss, val_acc = _evaluate_in_batches(evaluate, params, data.x_val, data.y_val)
-  test_loss, test_acc = _evaluate_in_batches(evaluate, params, data.x_test, data.y_test)
-  reached = next((h for h in history if h["train_loss"] <= task.target), None)
-  result = dict(
-      optimizer=optimizer, lr=lr, steps=steps, wall=wall, compile_s=compile_s,
-      step_ms=1e3 * wall / max(steps, 1), state_bytes=state_bytes,
-      final_train_loss=train_loss, val_loss=val_loss, val_accuracy=val_acc,
-      test_loss=test_loss, test_accuracy=test_acc,
-      time_to_target=reached and reached["wall"],
-      epochs_to_target=reached and reached["epoch"], history=history)
+  def advance(carry, xs, ys):
+    params, opt_state, _ = chunk(*carry, xs, ys)
+    return params, opt_state
+
+  result, (params, opt_state) = run(task, data, advance, (params, opt_state),
+                                    evaluate, seed, evals_per_epoch, progress)
+  result.update(optimizer=optimizer, lr=lr, compile_s=compile_s,
+                state_bytes=sum(x.nbytes for x in jax.tree.leaves(opt_state)))
   if optimizer == "sngd":
     injected = opt_state[-1] if task.clip is not None else opt_state
     sngd_state = injected.inner_state[0]
@@ -260,20 +245,79 @@ def train(task: Task, data: datasets.Dataset, optimizer: str, lr: float,
   return result
 
 
+def chunk_shape(task, data, evals_per_epoch):
+  """``(steps per chunk, chunks per epoch, steps per epoch)``: one evaluation per chunk."""
+  steps_per_epoch = len(data.x_train) // task.batch_size
+  chunk_steps = max(1, steps_per_epoch // evals_per_epoch)
+  return chunk_steps, steps_per_epoch // chunk_steps, steps_per_epoch
+
+
+def run(task, data, advance, carry, evaluate, seed=0, evals_per_epoch=4,
+        progress=None):
+  """The training loop shared by every optimizer (and the peers' workers).
+
+  ``advance(carry, xs, ys)`` takes one chunk of steps (``xs`` of shape
+  ``(steps, batch, ...)``) and returns the new carry, whose first element is
+  the params. Only ``advance`` is timed; the train loss is evaluated on the
+  whole training set after every chunk. The batches come from ``seed``: the
+  same for every optimizer.
+  """
+  chunk_steps, chunks_per_epoch, steps_per_epoch = chunk_shape(
+      task, data, evals_per_epoch)
+  shape = (chunk_steps, task.batch_size)
+  rng = np.random.default_rng(seed)
+  wall, steps, history = 0.0, 0, []
+  train_loss, _ = _evaluate_in_batches(evaluate, carry[0], data.x_train, data.y_train)
+  history.append(dict(step=0, epoch=0.0, wall=0.0, train_loss=train_loss))
+  for _ in range(task.epochs):
+    order = rng.permutation(len(data.x_train))[:chunks_per_epoch * chunk_steps * task.batch_size]
+    xs = jnp.asarray(data.x_train[order].reshape((chunks_per_epoch,) + shape + data.x_train.shape[1:]))
+    ys = jnp.asarray(data.y_train[order].reshape((chunks_per_epoch,) + shape))
+    for c in range(chunks_per_epoch):
+      start = time.perf_counter()
+      carry = jax.block_until_ready(advance(carry, xs[c], ys[c]))
+      wall += time.perf_counter() - start
+      steps += chunk_steps
+      train_loss, _ = _evaluate_in_batches(evaluate, carry[0], data.x_train, data.y_train)
+      history.append(dict(step=steps, epoch=steps / steps_per_epoch, wall=wall,
+                          train_loss=train_loss))
+      if not np.isfinite(train_loss):
+        break
+    if progress is not None:
+      progress.update(1)
+    if not np.isfinite(train_loss):
+      break
+  val_loss, val_acc = _evaluate_in_batches(evaluate, carry[0], data.x_val, data.y_val)
+  test_loss, test_acc = _evaluate_in_batches(evaluate, carry[0], data.x_test, data.y_test)
+  reached = next((h for h in history if h["train_loss"] <= task.target), None)
+  return dict(
+      steps=steps, wall=wall, step_ms=1e3 * wall / max(steps, 1),
+      final_train_loss=train_loss, val_loss=val_loss, val_accuracy=val_acc,
+      test_loss=test_loss, test_accuracy=test_acc,
+      time_to_target=reached and reached["wall"],
+      epochs_to_target=reached and reached["epoch"], history=history), carry
+
+
 # ----------------------------------------------------------------------------
 # Reporting.
 
 
+KFAC_RUNS = ("run in its own environment (.peers/kfac: jax 0.9.0, kfac-jax "
+             "0.0.8) on the same batches; adaptive lr/momentum/damping, its "
+             "'lr' column is the initial damping; one dispatch per step")
+
+
 def peer_status() -> dict[str, str]:
-  status = {}
-  for name, module in PEERS.items():
-    try:
-      importlib.import_module(module)
-      version = importlib.metadata.version(module.replace("_", "-"))
-      status[name] = (f"{module} {version} imports, but is not wired into this "
-                      "benchmark yet")
-    except Exception as error:  # noqa: BLE001 - report any failure verbatim
-      status[name] = f"not run: {type(error).__name__}: {str(error)[:120]}"
+  """Why each peer does or does not run in this benchmark."""
+  reason = peer_runs.kfac_available()
+  status = {"kfac": KFAC_RUNS if reason is None else f"not run: {reason}"}
+  try:
+    importlib.import_module("psgd_jax")
+    status["psgd"] = "psgd-jax imports but is not wired in yet: not run"
+  except Exception as error:  # noqa: BLE001 - report the failure verbatim
+    status["psgd"] = (f"not run: {type(error).__name__}: {str(error)[:100]} "
+                      "(psgd-jax 0.2.9 imports a private Optax module that "
+                      "optax 0.2.8 removed)")
   return status
 
 
@@ -335,7 +379,8 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=None,
                       help="CI smoke: cap every run at about this many steps")
   parser.add_argument("--tasks", nargs="*", default=None, help="task names to run")
-  parser.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS))
+  parser.add_argument("--optimizers", nargs="*", default=[*OPTIMIZERS, "kfac"],
+                      help="kfac runs only where `make peers` built its environment")
   parser.add_argument("--out", default="bench_out")
   args = parser.parse_args(argv)
 
@@ -352,22 +397,27 @@ def main(argv=None):
                          ("jax", "optax", "flax", "sngd-jax")},
             "tasks": {}}
   lines = [f"Machine: {machine}", ""]
+  with_kfac = "kfac" in args.optimizers and peers["kfac"] == KFAC_RUNS
   for task in selected:
     data = task.dataset()
     if args.steps is not None:
-      epochs = max(1, args.steps * task.batch_size // len(data.x_train))
-      task = dataclasses.replace(task, epochs=epochs)
-      data = data._replace(x_train=data.x_train[:args.steps * task.batch_size],
-                           y_train=data.y_train[:args.steps * task.batch_size])
+      task, data = smoke(task, data, args.steps)
     runs = []
-    total = sum(len(OPTIMIZERS[o][1]) for o in args.optimizers) * task.epochs
+    optax_runs = [o for o in args.optimizers if o in OPTIMIZERS]
+    total = (sum(len(OPTIMIZERS[o][1]) for o in optax_runs)
+             + with_kfac * len(peer_runs.KFAC_DAMPING)) * task.epochs
     with tqdm(total=total, desc=task.name, unit="epoch") as bar:
-      for name in args.optimizers:
+      for name in optax_runs:
         for lr in OPTIMIZERS[name][1]:
           bar.set_postfix(optimizer=name, lr=lr)
           runs.append(train(task, data, name, lr, progress=bar))
+      for damping in peer_runs.KFAC_DAMPING if with_kfac else ():
+        bar.set_postfix(optimizer="kfac", damping=damping)
+        runs.append(peer_runs.run_kfac(task.name, args.suite, damping,
+                                        task.epochs, args.steps))
+        bar.update(task.epochs)
     best = {}
-    for name in args.optimizers:
+    for name in dict.fromkeys(r["optimizer"] for r in runs):
       mine = [r for r in runs if r["optimizer"] == name]
       best[name] = min(mine, key=lambda r: r["val_loss"] if np.isfinite(r["val_loss"]) else np.inf)
     text = table(task, best)

@@ -89,11 +89,6 @@ def _vmapped_inverse(stats, damping, relative_damping, solver):
   return jax.vmap(lambda g: linalg.inverse(g + shift * eye, solver))(stats)
 
 
-def _apply_per_unit(precond, g):
-  # update[:, j] = P_j @ g[:, j]
-  return jnp.einsum("jik,kj->ij", precond, g)
-
-
 @dataclasses.dataclass(frozen=True)
 class Linear:
   """One block ``E[x~ x~^T]`` shared by all output units."""
@@ -161,27 +156,34 @@ class NystromLinear:
 
 
 @dataclasses.dataclass(frozen=True)
-class PerUnit:
-  """One block per output unit, ``E[nu(h_j) x~ x~^T]``."""
+class _UnitBlocks:
+  """A ``(n, n)`` block per output unit, inverted in one batched vmap."""
 
   n: int
   d_out: int
-  nu: Callable[[Array], Array]
 
   def init(self, dtype):
     return jnp.broadcast_to(
         jnp.eye(self.n, dtype=dtype), (self.d_out, self.n, self.n))
 
-  def statistic(self, x, h, dtype):
-    xt = features(x, self.n, dtype)
-    weights = self.nu(rows(h, dtype))
-    return jnp.einsum("nj,ni,nk->jik", weights, xt, xt) / xt.shape[0]
-
   def refresh(self, stats, damping, relative_damping, solver):
     return _vmapped_inverse(stats, damping, relative_damping, solver)
 
   def apply(self, precond, g):
-    return _apply_per_unit(precond, g)
+    # update[:, j] = P_j @ g[:, j]
+    return jnp.einsum("jik,kj->ij", precond, g)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerUnit(_UnitBlocks):
+  """One block per output unit, ``E[nu(h_j) x~ x~^T]``."""
+
+  nu: Callable[[Array], Array] = _relu_nu
+
+  def statistic(self, x, h, dtype):
+    xt = features(x, self.n, dtype)
+    weights = self.nu(rows(h, dtype))
+    return jnp.einsum("nj,ni,nk->jik", weights, xt, xt) / xt.shape[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,37 +223,23 @@ class Softmax:
 
 
 @dataclasses.dataclass(frozen=True)
-class Affine:
+class Affine(_UnitBlocks):
   """Scale/shift of a normalization layer: a ``(n, n)`` block per channel.
 
   ``z_c = [xhat_c]`` plus a ``1`` for the shift (n is 1 or 2); ``xhat`` is the
   normalized input that the scale multiplies.
   """
 
-  n: int
-  d_out: int
-  has_scale: bool
-
-  def init(self, dtype):
-    return jnp.broadcast_to(
-        jnp.eye(self.n, dtype=dtype), (self.d_out, self.n, self.n))
+  has_scale: bool = True
 
   def statistic(self, x, h, dtype):
     del h
     xhat = rows(x, dtype)
-    parts = []
-    if self.has_scale:
-      parts.append(xhat)
+    parts = [xhat] if self.has_scale else []
     if self.n > len(parts):
       parts.append(jnp.ones_like(xhat))
     z = jnp.stack(parts, axis=-1)  # (N, C, n)
     return jnp.einsum("ncj,nck->cjk", z, z) / z.shape[0]
-
-  def refresh(self, stats, damping, relative_damping, solver):
-    return _vmapped_inverse(stats, damping, relative_damping, solver)
-
-  def apply(self, precond, g):
-    return _apply_per_unit(precond, g)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,7 +46,7 @@ class ScaleBySNGDState(NamedTuple):
   stats: dict[str, Any]  # EMA local Fisher per layer; shapes in ``sngd_jax.fisher``.
   preconditioners: dict[str, Any]  # Damped inverse per layer, refreshed every ``inverse_every``.
   stats_faults: jax.Array  # int32 (): batches whose statistic was not finite (skipped).
-  inverse_faults: jax.Array  # int32 (): refreshes whose inverse was not finite (last good kept).
+  inverse_faults: jax.Array  # int32 (): refreshes whose inverse was not finite (retried, else last good kept).
 
 
 # ----------------------------------------------------------------------------
@@ -453,14 +453,26 @@ def _update_stats(layer, entry, old, do_stats, ema_decay):
 
 
 def _refresh(layer, stats, old, do_refresh, damping, relative_damping, solver):
-  """New damped inverse; a non-finite one is rejected and the old one kept."""
+  """New damped inverse; a non-finite one is retried with more damping, then rejected.
+
+  Returns the preconditioner and whether the first attempt failed. A block
+  too close to singular for its damping is the usual cause, so one retry uses
+  100x ``damping`` and at least 1e-3 ``relative_damping``; if that fails too,
+  the last good preconditioner is kept.
+  """
+
+  def attempt(boost, floor):
+    fresh = jax.tree.map(lambda f, o: f.astype(o.dtype), layer.block.refresh(
+        stats, damping * boost, jnp.maximum(relative_damping * boost, floor),
+        solver), old)
+    return fresh, _all_finite(fresh)
 
   def new():
     with jax.named_scope("refresh"):
-      fresh = jax.tree.map(lambda f, o: f.astype(o.dtype), layer.block.refresh(
-          stats, damping, relative_damping, solver), old)
-      ok = _all_finite(fresh)
-      return jax.tree.map(lambda f, o: jnp.where(ok, f, o), fresh, old), ~ok
+      fresh, ok = attempt(1.0, 0.0)
+      fresh, retry_ok = jax.lax.cond(
+          ok, lambda: (fresh, ok), lambda: attempt(100.0, 1e-3))
+      return jax.tree.map(lambda f, o: jnp.where(retry_ok, f, o), fresh, old), ~ok
 
   return jax.lax.cond(do_refresh, new, lambda: (old, jnp.array(False)))
 

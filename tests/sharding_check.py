@@ -60,6 +60,6 @@ kernel = param_sharded["layer0"]["kernel"]
 print(json.dumps({
     "data_parallel": rel(data_parallel, single),
     "param_sharded": rel(param_sharded, single),
-    "kernel_sharding": str(kernel.sharding.spec),
+    "kernel_sharding": list(kernel.sharding.spec),
     "batch_devices": len(data_parallel["layer0"]["kernel"].sharding.device_set),
 }))

@@ -60,15 +60,19 @@ def test_degenerate_batches_give_finite_updates(name, make):
 
 
 def test_failed_inverse_keeps_the_last_good_one_and_is_counted():
-  # Arrays bypass the option checks (as inject_hyperparams' do): no damping.
-  tx, state, params, acts, grads = fresh(
-      ema_decay=0.0, damping=jnp.asarray(0.0), relative_damping=jnp.asarray(0.0))
-  acts["layer0"]["inputs"] = jnp.zeros_like(acts["layer0"]["inputs"])
-  updates, new = tx.update(grads, state, params, activations=acts)
+  """A zero block with no damping at all: even the retry fails."""
+  params = {"dense": {"kernel": jnp.ones((4, 2), jnp.float32)}}  # no bias
+  grads = {"dense": {"kernel": jnp.ones((4, 2), jnp.float32)}}
+  # Arrays bypass the option checks (as inject_hyperparams' do).
+  tx = sngd_jax.scale_by_sngd(ema_decay=0.0, damping=jnp.asarray(0.0),
+                              relative_damping=jnp.asarray(0.0))
+  state = tx.init(params)
+  updates, new = tx.update(grads, state, params,
+                           activations={"dense": {"inputs": jnp.zeros((8, 4))}})
   assert int(new.inverse_faults) == 1
-  np.testing.assert_array_equal(new.preconditioners["layer0"],
-                                state.preconditioners["layer0"])
-  assert finite(updates) and finite(new.preconditioners)
+  np.testing.assert_array_equal(new.preconditioners["dense"],
+                                state.preconditioners["dense"])
+  np.testing.assert_array_equal(updates["dense"]["kernel"], grads["dense"]["kernel"])
 
 
 def test_nan_gradients_never_reach_params_with_apply_if_finite():
@@ -170,3 +174,22 @@ def test_same_seed_is_bitwise_deterministic():
     tx = sngd_jax.sngd(0.1, momentum=0.9, inverse_every=3)
     results.append(run(8, params, tx.init(params), tx, x, labels))
   jax.tree.map(np.testing.assert_array_equal, results[0], results[1])
+
+
+def test_near_singular_block_is_cured_by_more_damping():
+  """A rank-one float32 block with negligible damping: Cholesky fails, the retry works."""
+  params = {"dense": {"kernel": jnp.ones((4, 2), jnp.float32)}}
+  v = jnp.array([1e3, -7e2, 5e2, 3e2], jnp.float32)
+  acts = {"dense": {"inputs": jnp.broadcast_to(v, (8, 4))}}
+  grads = {"dense": {"kernel": jnp.ones((4, 2), jnp.float32)}}
+  tx = sngd_jax.scale_by_sngd(ema_decay=0.0, damping=jnp.asarray(1e-9),
+                              relative_damping=jnp.asarray(0.0))
+  state = tx.init(params)
+  updates, new = tx.update(grads, state, params, activations=acts)
+  assert int(new.inverse_faults) == 1
+  assert finite(updates) and finite(new.preconditioners)
+  # The retried preconditioner is the inverse with relative damping 1e-3.
+  g = np.outer(v, v).astype(np.float64)
+  expected = np.linalg.inv(g + 1e-3 * np.trace(g) / 4 * np.eye(4))
+  np.testing.assert_allclose(new.preconditioners["dense"], expected, rtol=2e-2)
+  assert not np.array_equal(new.preconditioners["dense"], state.preconditioners["dense"])
