@@ -303,8 +303,8 @@ def run(task, data, advance, carry, evaluate, seed=0, evals_per_epoch=4,
 
 
 KFAC_RUNS = ("run in its own environment (.peers/kfac: jax 0.9.0, kfac-jax "
-             "0.0.8) on the same batches; adaptive lr/momentum/damping, its "
-             "'lr' column is the initial damping; one dispatch per step")
+             "0.0.8) on the same batches: lr grid (0.03, 0.1, 0.3), momentum "
+             "0.9, adaptive damping; one dispatch per step")
 
 
 def peer_status() -> dict[str, str]:
@@ -405,15 +405,15 @@ def main(argv=None):
     runs = []
     optax_runs = [o for o in args.optimizers if o in OPTIMIZERS]
     total = (sum(len(OPTIMIZERS[o][1]) for o in optax_runs)
-             + with_kfac * len(peer_runs.KFAC_DAMPING)) * task.epochs
+             + with_kfac * len(peer_runs.KFAC_LEARNING_RATES)) * task.epochs
     with tqdm(total=total, desc=task.name, unit="epoch") as bar:
       for name in optax_runs:
         for lr in OPTIMIZERS[name][1]:
           bar.set_postfix(optimizer=name, lr=lr)
           runs.append(train(task, data, name, lr, progress=bar))
-      for damping in peer_runs.KFAC_DAMPING if with_kfac else ():
-        bar.set_postfix(optimizer="kfac", damping=damping)
-        runs.append(peer_runs.run_kfac(task.name, args.suite, damping,
+      for lr in peer_runs.KFAC_LEARNING_RATES if with_kfac else ():
+        bar.set_postfix(optimizer="kfac", lr=lr)
+        runs.append(peer_runs.run_kfac(task.name, args.suite, lr,
                                         task.epochs, args.steps))
         bar.update(task.epochs)
     best = {}
