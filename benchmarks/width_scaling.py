@@ -14,11 +14,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import sngd_jax
-from sngd_jax import models
+from sngd_jax import bench, models
 
 AMORTIZED = dict(momentum=0.9, ema_decay=0.9, stats_every=10, inverse_every=50)
 
@@ -33,33 +32,20 @@ def optimizers():
 
 
 def measure(width, tx, needs_activations, steps, batch=128):
+  """Mean step time (ms) and optimizer-state bytes, with the benchmark's step."""
   model = models.MLP((width, width))
   x = jax.random.normal(jax.random.PRNGKey(0), (steps, batch, 784))
   y = jax.random.randint(jax.random.PRNGKey(1), (steps, batch), 0, 10)
   params = model.init(jax.random.PRNGKey(2), x[0])["params"]
   state = tx.init(params)
-
-  def objective(params, xb, yb):
-    if needs_activations:
-      logits, acts = sngd_jax.linen_capture(model, {"params": params}, xb)
-    else:
-      logits, acts = model.apply({"params": params}, xb), None
-    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), acts
-
-  def step(carry, batch_xy):
-    params, state = carry
-    (loss, acts), grads = jax.value_and_grad(objective, has_aux=True)(params, *batch_xy)
-    extra = {"activations": acts} if needs_activations else {}
-    updates, state = tx.update(grads, state, params, **extra)
-    return (optax.apply_updates(params, updates), state), loss
-
-  run = jax.jit(lambda p, s, x, y: jax.lax.scan(step, (p, s), (x, y)))
-  jax.block_until_ready(run(params, state, x, y))  # compile and warm up
-  start = time.perf_counter()
-  jax.block_until_ready(run(params, state, x, y))
-  step_ms = 1e3 * (time.perf_counter() - start) / steps
   state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
-  return step_ms, state_bytes
+  task = bench.Task("width", None, None, batch, epochs=1, target=0.0)
+  chunk, _ = bench.make_chunk(task, model, tx, needs_activations)
+  # Compile and warm up on copies (the chunk donates its params and state).
+  jax.block_until_ready(chunk(*jax.tree.map(jnp.copy, (params, state)), x, y))
+  start = time.perf_counter()
+  jax.block_until_ready(chunk(params, state, x, y))
+  return 1e3 * (time.perf_counter() - start) / steps, state_bytes
 
 
 def main():

@@ -149,7 +149,7 @@ def loss_fn(task: Task):
   return loss
 
 
-def _make_chunk(task, model, tx, needs_activations):
+def make_chunk(task, model, tx, needs_activations):
   loss = loss_fn(task)
 
   def objective(params, x, y):
@@ -217,7 +217,7 @@ def train(task: Task, data: datasets.Dataset, optimizer: str, lr: float,
   key = (task.name, optimizer, shape)
   compile_start = time.perf_counter()
   if key not in _COMPILED:
-    chunk, evaluate = _make_chunk(task, model, tx, optimizer == "sngd")
+    chunk, evaluate = make_chunk(task, model, tx, optimizer == "sngd")
     chunk = chunk.lower(params, opt_state,
                         jax.ShapeDtypeStruct(shape + data.x_train.shape[1:], jnp.float32),
                         jax.ShapeDtypeStruct(shape, jnp.int32)).compile()
