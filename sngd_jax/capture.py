@@ -12,13 +12,16 @@ What each layer records (the transform reads ``inputs``/``outputs``):
 |--------------------------------------|-----------------------------------------------|----------------------|
 | Linear / Dense                       | ``x``                                          | ``h = x W + b``      |
 | LinearGeneral / DenseGeneral (one output axis, trailing input axes) | ``x`` with its input axes flattened | ``h`` |
-| Conv (strides, padding, dilations)   | im2col patches ``(..., kh*kw*C_in)``           | ``h``                |
+| Einsum as a dense map (``"btd,df->btf"``: contracts trailing input axes, one output axis) | ``x`` with the contracted axes flattened | ``h`` |
+| Conv (strides, any padding, kernel dilation) | im2col patches ``(..., kh*kw*C_in)``           | ``h``                |
 | Embed                                | token ids                                      | none                 |
 | LayerNorm, BatchNorm, GroupNorm, RMSNorm | ``xhat = (y - bias) / scale`` (the normalized input) | none        |
 
-Convolutions with ``feature_group_count > 1``, circular or causal padding or
-input dilation, and LinearGeneral with several output axes are not captured: they get the
-plain gradient, and the transform's warning names them.
+Cells inside ``nnx.RNN``, ``nn.RNN``, ``nn.scan`` or any ``jax.lax.scan`` are
+captured at every step. Convolutions with ``feature_group_count > 1`` or input
+dilation, LinearGeneral or Einsum with several output axes, and layers
+stacked over a scan (one kernel per step) are not: they get the plain
+gradient, and the transform's warning names them.
 """
 
 from __future__ import annotations
@@ -58,13 +61,25 @@ def _flat_rows(x):
   return jnp.reshape(x, (-1, x.shape[-1]))
 
 
-def _padding(padding, spatial: int):
+def _pads(padding, reach, sizes, strides):
+  """``(low, high)`` pads per spatial axis and the ``jnp.pad`` mode, as Flax pads.
+
+  Returns None for a padding Flax does not define for these dimensions.
+  """
   if isinstance(padding, str):
-    return padding.upper() if padding.upper() in ("SAME", "VALID") else None
+    name = padding.upper()
+    if name in ("SAME", "VALID"):
+      return jax.lax.padtype_to_pads(sizes, reach, strides, name), "constant"
+    if name in ("CIRCULAR", "REFLECT"):
+      mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}[name]
+      return [((r - 1) // 2, r // 2) for r in reach], mode
+    if name == "CAUSAL" and len(reach) == 1:
+      return [(reach[0] - 1, 0)], "constant"
+    return None
   if isinstance(padding, int):
-    return [(padding, padding)] * spatial
+    return [(padding, padding)] * len(reach), "constant"
   pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
-  return pads if len(pads) == spatial else None
+  return (pads, "constant") if len(pads) == len(reach) else None
 
 
 def _tuple(value, spatial):
@@ -81,14 +96,12 @@ def conv_patches(layer, x):
   Built from strided slices of the padded input, one per kernel tap: memory
   moves only, far cheaper than ``lax.conv_general_dilated_patches`` (a
   convolution with an identity kernel). Returns ``None`` where the
-  convolution is not supported (groups, circular or causal padding, input
-  dilation).
+  convolution is not supported (feature groups, input dilation).
   """
   kernel_size = tuple(layer.kernel_size) if not isinstance(
       layer.kernel_size, int) else (layer.kernel_size,)
   spatial = len(kernel_size)
-  padding = _padding(layer.padding, spatial)
-  if (padding is None or layer.feature_group_count != 1
+  if (layer.feature_group_count != 1
       or any(d != 1 for d in _tuple(layer.input_dilation, spatial))):
     return None
   strides = _tuple(layer.strides, spatial)
@@ -98,9 +111,10 @@ def conv_patches(layer, x):
   batch_shape = x.shape[:-(spatial + 1)]
   x = jnp.reshape(x, (-1,) + x.shape[-(spatial + 1):])
   reach = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
-  if isinstance(padding, str):
-    padding = jax.lax.padtype_to_pads(x.shape[1:-1], reach, strides, padding)
-  x = jnp.pad(x, [(0, 0), *padding, (0, 0)])
+  padding = _pads(layer.padding, reach, x.shape[1:-1], strides)
+  if padding is None:
+    return None
+  x = jnp.pad(x, [(0, 0), *padding[0], (0, 0)], mode=padding[1])
   out = [(size - r) // s + 1 for size, r, s in zip(x.shape[1:-1], reach, strides)]
   taps = []
   for offset in np.ndindex(*kernel_size):
@@ -126,6 +140,26 @@ def _general_inputs(layer, x):
   return jnp.reshape(x, x.shape[:x.ndim - len(axes)] + (-1,))
 
 
+def _einsum_inputs(x, einsum_str):
+  """Einsum as a dense map: ``x`` flattened over the axes the kernel contracts.
+
+  Supported when the kernel's axes are the contracted ones, which are the
+  input's trailing axes, followed by one output axis that ends the result,
+  e.g. ``"btd,df->btf"`` or ``"...ij,ijk->...k"``.
+  """
+  if not einsum_str or "," not in einsum_str or "->" not in einsum_str:
+    return None
+  lhs, rest = einsum_str.replace(" ", "").split(",", 1)
+  rhs, out = rest.split("->")
+  contracted = "".join(c for c in rhs if c not in out)
+  kept = rhs[len(contracted):]
+  if (not contracted or rhs != contracted + kept or len(kept) != 1
+      or not lhs.endswith(contracted)
+      or out != lhs[:len(lhs) - len(contracted)] + kept):
+    return None
+  return jnp.reshape(x, x.shape[:x.ndim - len(contracted)] + (-1,))
+
+
 def _normalized(y, scale, bias):
   """``xhat`` from a norm layer's output ``y = scale * xhat + bias``."""
   if bias is not None:
@@ -136,10 +170,13 @@ def _normalized(y, scale, bias):
   return jnp.where(jnp.abs(scale) > 1e-12, y / safe, 0.0)
 
 
-def _entry(kind, layer, x, y, scale=None, bias=None):
+def _entry(kind, layer, x, y, scale=None, bias=None, einsum_str=None):
   """The activations entry of one call, or None if the layer is unsupported."""
   if kind == "dense":
     return {"inputs": x, "outputs": y}
+  if kind == "einsum":
+    x = _einsum_inputs(x, einsum_str or layer.einsum_str)
+    return None if x is None else {"inputs": x, "outputs": y}
   if kind == "general":
     x = _general_inputs(layer, x)
     return None if x is None else {"inputs": x, "outputs": y}
@@ -167,6 +204,8 @@ def _merge(entries: list[dict]) -> dict:
 
 def _nest(flat: dict[tuple, dict]) -> dict:
   """``{("a", "0"): entry}`` -> ``{"a": {"0": entry}}`` (keys as the params have them)."""
+  if () in flat:  # The model itself is a captured layer.
+    return flat[()]
   tree: dict = {}
   for path, entry in flat.items():
     node = tree
@@ -177,22 +216,142 @@ def _nest(flat: dict[tuple, dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------
+# Recording, shared by NNX and linen. A frame holds the records of one JAX
+# trace; ``jax.lax.scan`` (behind ``nnx.RNN``, ``nn.RNN``, ``nn.scan``, ``nnx.scan``)
+# is wrapped so that each scan body records into its own frame and returns
+# its records as extra scan outputs, stacked over the iterations. Records made
+# under any other inner trace (``jax.checkpoint``, ``vmap`` inside the model,
+# ``nn.scan``'s constancy check) are dropped: those layers get the plain
+# gradient and the transform's warning names them.
+
+
+class _Frame:
+
+  def __init__(self):
+    from flax.core.tracers import current_trace
+    self.trace = current_trace()
+    self.record: dict[Any, list] = defaultdict(list)
+
+
+_FRAMES: list[_Frame] = []
+
+
+def _record(key, entry):
+  from flax.core.tracers import current_trace
+  frame = _FRAMES[-1]
+  if entry is not None and current_trace() == frame.trace:
+    frame.record[key].append(entry)
+
+
+class _Ref:
+  """An NNX layer's key: its first parameter's value, compared by identity.
+
+  Identity survives ``nnx.scan``, which hands the outer values to
+  ``lax.scan`` as carries, where module objects are rebuilt inside the body.
+  """
+
+  def __init__(self, value):
+    self.value = value
+
+  def __hash__(self):
+    return id(self.value)
+
+  def __eq__(self, other):
+    return isinstance(other, _Ref) and other.value is self.value
+
+
+def _outer_key(key, carry, init, xs):
+  """The key of an inner record outside the scan; None for scanned params.
+
+  ``carry``, ``init`` and ``xs`` are flat leaf lists, taken before the body
+  ran (NNX consumes its carried deques).
+  """
+  if not isinstance(key, _Ref):
+    return key  # linen scope paths are the same inside and out.
+  for inner, outer in zip(carry, init):
+    if inner is key.value:
+      return _Ref(outer)
+  if any(leaf is key.value for leaf in xs):
+    return None  # A layer stacked over the scan: not supported.
+  return key  # A closed-over value is the outer one.
+
+
+def _capturing_scan(original):
+  """``lax.scan`` whose body's records come out as stacked scan outputs."""
+
+  def scan(f, init, xs=None, length=None, **kwargs):
+    keys = []
+    init_leaves = jax.tree.leaves(init)
+
+    def body(carry, x):
+      carry_leaves, x_leaves = jax.tree.leaves(carry), jax.tree.leaves(x)
+      frame = _Frame()
+      _FRAMES.append(frame)
+      try:
+        carry_out, y = f(carry, x)
+      finally:
+        _FRAMES.pop()
+      entries = {}
+      for key, uses in frame.record.items():
+        outer_key = _outer_key(key, carry_leaves, init_leaves, x_leaves)
+        if outer_key is not None:
+          entries[outer_key] = _merge(uses)
+      keys[:] = list(entries)
+      return carry_out, (y, list(entries.values()))
+
+    carry, (ys, stacked) = original(body, init, xs, length, **kwargs)
+    for key, entry in zip(keys, stacked):
+      _record(key, entry)
+    return carry, ys
+
+  return scan
+
+
+@contextlib.contextmanager
+def _capturing():
+  """A top frame, and ``jax.lax.scan`` wrapped, for one forward pass."""
+  frame = _Frame()
+  _FRAMES.append(frame)
+  original = jax.lax.scan
+  jax.lax.scan = _capturing_scan(original)
+  try:
+    yield frame.record
+  finally:
+    jax.lax.scan = original
+    _FRAMES.pop()
+
+
+# ----------------------------------------------------------------------------
 # Flax NNX.
+
+
+def _call_einsum_str(args, kwargs):
+  """An ``einsum_str`` given to an Einsum layer's call (it overrides the layer's)."""
+  return args[0] if args and isinstance(args[0], str) else kwargs.get("einsum_str")
 
 
 def _nnx_kinds():
   from flax import nnx
-  return {nnx.Linear: "dense", nnx.LinearGeneral: "general", nnx.Conv: "conv",
+  return {nnx.Linear: "dense", nnx.LinearGeneral: "general",
+          nnx.Einsum: "einsum", nnx.Conv: "conv",
           nnx.Embed: "embed", nnx.LayerNorm: "norm", nnx.BatchNorm: "norm",
           nnx.GroupNorm: "norm", nnx.RMSNorm: "norm"}
 
 
 def _nnx_value(variable):
-  return None if variable is None else variable[...]
+  return None if variable is None else variable.get_value()
+
+
+def _nnx_ref(module):
+  for name in ("kernel", "embedding", "scale", "bias"):
+    variable = getattr(module, name, None)
+    if variable is not None:
+      return _Ref(variable.get_value())
+  return None
 
 
 @contextlib.contextmanager
-def _patched_nnx_calls(record):
+def _patched_nnx_calls():
   """Wraps ``__call__`` of the NNX layer classes for the duration of a trace."""
   kinds = _nnx_kinds()
   originals = {cls: cls.__call__ for cls in kinds}
@@ -200,10 +359,12 @@ def _patched_nnx_calls(record):
   def wrap(kind, original):
     def call(self, x, *args, **kwargs):
       y = original(self, x, *args, **kwargs)
-      entry = _entry(kind, self, x, y, _nnx_value(getattr(self, "scale", None)),
-                     _nnx_value(getattr(self, "bias", None)))
-      if entry is not None:
-        record[id(self)].append(entry)
+      key = _nnx_ref(self)
+      if key is not None:
+        _record(key, _entry(kind, self, x, y,
+                            _nnx_value(getattr(self, "scale", None)),
+                            _nnx_value(getattr(self, "bias", None)),
+                            _call_einsum_str(args, kwargs)))
       return y
     return call
 
@@ -237,13 +398,13 @@ def nnx_capture(model, *args, **kwargs) -> tuple[Any, dict]:
   """
   from flax import nnx
 
-  record: dict[int, list] = defaultdict(list)
-  with _patched_nnx_calls(record):
+  with _capturing() as record, _patched_nnx_calls():
     output = model(*args, **kwargs)
   flat = {}
   for path, module in nnx.iter_modules(model):
-    if id(module) in record and tuple(path) not in flat:
-      flat[tuple(path)] = _merge(record[id(module)])
+    key = _nnx_ref(module)
+    if key in record and tuple(path) not in flat:
+      flat[tuple(path)] = _merge(record[key])
   return output, _nest(flat)
 
 
@@ -253,7 +414,8 @@ def nnx_capture(model, *args, **kwargs) -> tuple[Any, dict]:
 
 def _linen_kinds():
   from flax import linen as nn
-  return {nn.Dense: "dense", nn.DenseGeneral: "general", nn.Conv: "conv",
+  return {nn.Dense: "dense", nn.DenseGeneral: "general", nn.Einsum: "einsum",
+          nn.Conv: "conv",
           nn.Embed: "embed", nn.LayerNorm: "norm", nn.BatchNorm: "norm",
           nn.GroupNorm: "norm", nn.RMSNorm: "norm"}
 
@@ -277,7 +439,6 @@ def linen_capture(module, variables, *args, **kwargs) -> tuple[Any, dict]:
   from flax import linen as nn
 
   kinds = _linen_kinds()
-  record: dict[tuple, list] = defaultdict(list)
 
   def interceptor(next_fun, call_args, call_kwargs, context):
     y = next_fun(*call_args, **call_kwargs)
@@ -286,13 +447,12 @@ def linen_capture(module, variables, *args, **kwargs) -> tuple[Any, dict]:
     if kind is None or context.method_name != "__call__":
       return y
     params = layer.variables.get("params", {})
-    entry = _entry(kind, layer, call_args[0], y, params.get("scale"),
-                   params.get("bias"))
-    if entry is not None:
-      record[tuple(layer.scope.path)].append(entry)
+    _record(tuple(layer.scope.path), _entry(
+        kind, layer, call_args[0], y, params.get("scale"), params.get("bias"),
+        _call_einsum_str(call_args[1:], call_kwargs)))
     return y
 
-  with nn.intercept_methods(interceptor):
+  with _capturing() as record, nn.intercept_methods(interceptor):
     output = module.apply(variables, *args, **kwargs)
   flat = {path: _merge(entries) for path, entries in record.items()}
   if () in flat:  # The module itself is a captured layer.

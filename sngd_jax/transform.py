@@ -166,6 +166,8 @@ def _module_layer(path, children, layer_fisher, nystrom):
     d_in = math.prod(kernel_shape[:-1])
     leaves = [leaf("kernel", d_in)]
     if "bias" in children:
+      if len(kernel_shape) > 2 and shape("bias") == kernel_shape[:-2] + (d_out,):
+        return None  # Layers stacked for a scan: one kernel per step.
       if math.prod(shape("bias")) != d_out:
         raise ValueError(f"{path}/bias has shape {shape('bias')}; the kernel "
                          f"{kernel_shape} has {d_out} outputs")

@@ -28,7 +28,8 @@ def dense_reference(x, g_kernel, g_bias):
 
 @pytest.mark.parametrize("strides,padding,dilation", [
     (1, "SAME", 1), (2, "VALID", 1), ((2, 1), [(1, 2), (0, 1)], 1),
-    (1, "SAME", 2), (1, 1, (1, 2))])
+    (1, "SAME", 2), (1, 1, (1, 2)), (1, "CIRCULAR", 1), (2, "CIRCULAR", (2, 1)),
+    (1, "REFLECT", 1)])
 def test_conv_patches_reproduce_the_convolution(strides, padding, dilation):
   conv = nnx.Conv(3, 5, (3, 2), strides=strides, padding=padding,
                   kernel_dilation=dilation, rngs=nnx.Rngs(0),
@@ -46,6 +47,11 @@ def test_conv_1d_and_grouped():
   np.testing.assert_allclose(
       sngd_jax.conv_patches(conv, x) @ conv.kernel[...].reshape(-1, 4)
       + conv.bias[...], conv(x), atol=1e-12)
+  causal = nnx.Conv(2, 4, 3, padding="CAUSAL", kernel_dilation=2,
+                    rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+  np.testing.assert_allclose(
+      sngd_jax.conv_patches(causal, x) @ causal.kernel[...].reshape(-1, 4)
+      + causal.bias[...], causal(x), atol=1e-12)
   grouped = nnx.Conv(4, 4, 3, feature_group_count=2, rngs=nnx.Rngs(0))
   assert sngd_jax.conv_patches(grouped, jnp.ones((1, 5, 4))) is None
   dilated = nnx.Conv(2, 4, 3, input_dilation=2, rngs=nnx.Rngs(0))
@@ -126,6 +132,37 @@ def test_nnx_layers_get_their_local_fisher():
       np.concatenate([updates["head"]["kernel"], updates["head"]["bias"][None]]),
       dense_reference(acts["head"]["inputs"], grads["head"]["kernel"],
                       grads["head"]["bias"]), rtol=1e-9, atol=1e-12)
+
+
+def test_einsum_dense_maps_get_the_linear_block_and_others_pass_through():
+  rngs = nnx.Rngs(0)
+  dense = nnx.Einsum("btd,df->btf", (3, 4), (4,), rngs=rngs,
+                     param_dtype=jnp.float64)
+  heads = nnx.Einsum("btd,dhk->bthk", (4, 2, 2), rngs=rngs,
+                     param_dtype=jnp.float64)
+  model = nnx.Sequential(dense, heads)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 3), jnp.float64)
+
+  def loss_fn(model):
+    y, acts = sngd_jax.nnx_capture(model, x)
+    return jnp.sum(jnp.sin(y)), acts
+
+  (_, acts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  assert set(acts["layers"]) == {0}  # The multi-head map is not a dense map.
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  grads = nnx.as_pure(nnx.state(grads, nnx.Param))
+  with pytest.warns(UserWarning, match="layers/1"):
+    updates = one_update(params, grads, acts)
+  layer = updates["layers"][0]
+  np.testing.assert_allclose(
+      np.concatenate([layer["kernel"], layer["bias"][None]]),
+      dense_reference(x, grads["layers"][0]["kernel"], grads["layers"][0]["bias"]),
+      rtol=1e-9, atol=1e-12)
+
+  linen_dense = nn.Einsum((3, 4), "...d,df->...f", param_dtype=jnp.float64)
+  variables = linen_dense.init(jax.random.PRNGKey(0), x)
+  _, linen_acts = sngd_jax.linen_capture(linen_dense, variables, x)
+  np.testing.assert_allclose(linen_acts["inputs"], x)
 
 
 class Shared(nnx.Module):
@@ -246,23 +283,110 @@ def test_pure_jax_dense_helper_matches_manual_entries():
   np.testing.assert_allclose(entry["inputs"], x)
 
 
+class Unrolled(nnx.Module):
+  """A cell called once per time step in Python: the reference for nnx.RNN."""
+
+  def __init__(self, cell):
+    self.cell = cell
+
+  def __call__(self, x):
+    carry = self.cell.initialize_carry(x[:, 0].shape, nnx.Rngs(0))
+    for t in range(x.shape[1]):
+      carry, y = self.cell(carry, x[:, t])
+    return y
+
+
+def assert_same_rows_per_step(scanned, unrolled, steps):
+  """Scanned records are (steps, batch, d); unrolled ones step after step."""
+  assert jax.tree.structure(scanned) == jax.tree.structure(unrolled)
+  for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(unrolled)):
+    assert a.shape[0] == steps
+    np.testing.assert_allclose(np.reshape(a, (-1, a.shape[-1])), b,
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cell_class", [nnx.LSTMCell, nnx.GRUCell,
+                                        nnx.SimpleCell])
+def test_nnx_rnn_cells_are_captured_inside_the_scan(cell_class):
+  cell = cell_class(3, 5, rngs=nnx.Rngs(0), dtype=jnp.float64,
+                    param_dtype=jnp.float64)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 6, 3), jnp.float64)
+  rnn = nnx.RNN(cell)
+  y, acts = nnx.jit(sngd_jax.nnx_capture)(rnn, x)
+  y_ref, ref = sngd_jax.nnx_capture(Unrolled(cell), x)
+  np.testing.assert_allclose(y[:, -1], y_ref, rtol=1e-12)
+  assert set(acts["cell"]) == {path[0] for path, m in nnx.iter_modules(cell)
+                               if isinstance(m, nnx.Linear)}
+  assert_same_rows_per_step(acts, ref, steps=6)
+
+
+def test_linen_rnn_and_scan_cells_are_captured_inside_the_scan():
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 6, 3), jnp.float64)
+
+  class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.RNN(nn.LSTMCell(5, param_dtype=jnp.float64))(x)
+      return nn.Dense(2, param_dtype=jnp.float64)(h[:, -1])
+
+  class Python(nn.Module):  # The same parameters, the cell unrolled.
+    @nn.compact
+    def __call__(self, x):
+      cell = nn.LSTMCell(5, param_dtype=jnp.float64)
+      carry = cell.initialize_carry(jax.random.PRNGKey(0), x[:, 0].shape)
+      for t in range(x.shape[1]):
+        carry, h = cell(carry, x[:, t])
+      return nn.Dense(2, param_dtype=jnp.float64)(h)
+
+  variables = Scanned().init(jax.random.PRNGKey(0), x)
+  y, acts = jax.jit(lambda v, x: sngd_jax.linen_capture(Scanned(), v, x))(
+      variables, x)
+  y_ref, ref = sngd_jax.linen_capture(Python(), variables, x)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-12)
+  assert_same_rows_per_step(acts["LSTMCell_0"], ref["LSTMCell_0"], steps=6)
+  np.testing.assert_allclose(acts["Dense_0"]["inputs"],
+                             ref["Dense_0"]["inputs"], rtol=1e-12)
+
+
+def test_layers_stacked_for_a_scan_get_the_plain_gradient_and_a_warning():
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+      return jnp.tanh(nn.Dense(4)(h)), None
+
+  class Deep(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Dense(4)(x)
+      h, _ = nn.scan(Block, variable_axes={"params": 0},
+                     split_rngs={"params": True}, length=3)()(h, None)
+      return nn.Dense(2)(h)
+
+  x = jnp.ones((5, 3))
+  params = Deep().init(jax.random.PRNGKey(0), x)["params"]
+  _, acts = sngd_jax.linen_capture(Deep(), {"params": params}, x)
+  tx = sngd_jax.scale_by_sngd()
+  with pytest.warns(UserWarning, match="ScanBlock_0/Dense_0/kernel"):
+    updates, _ = tx.update(params, tx.init(params), params, activations=acts)
+  np.testing.assert_array_equal(updates["ScanBlock_0"]["Dense_0"]["kernel"],
+                                params["ScanBlock_0"]["Dense_0"]["kernel"])
+  assert not np.allclose(updates["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
+
+
 class Recurrent(nnx.Module):
-  """An NNX LSTM over time, the cell called once per step (unrolled)."""
+  """An NNX LSTM over time (``nnx.RNN``, a scan) and a linear head."""
 
   def __init__(self, rngs):
-    self.cell = nnx.LSTMCell(2, 8, rngs=rngs)
+    self.rnn = nnx.RNN(nnx.LSTMCell(2, 8, rngs=rngs))
     self.head = nnx.Linear(8, 3, rngs=rngs)
 
   def __call__(self, x):
-    carry = self.cell.initialize_carry((x.shape[0], 2), rngs=nnx.Rngs(0))
-    for t in range(x.shape[1]):
-      carry, h = self.cell(carry, x[:, t])
-    return self.head(h)
+    return self.head(self.rnn(x)[:, -1])
 
 
-def test_nnx_lstm_cell_statistics_average_over_time_and_it_trains():
+def test_nnx_rnn_lstm_trains_under_nnx_jit():
   model = Recurrent(nnx.Rngs(0))
-  x = jax.random.normal(jax.random.PRNGKey(1), (16, 5, 2))
+  x = jax.random.normal(jax.random.PRNGKey(1), (16, 5, 2), jnp.float32)
   labels = (x[:, :, 0].sum(1) > 0).astype(jnp.int32) + (x[:, -1, 1] > 0)
 
   def loss_fn(model):
@@ -271,9 +395,9 @@ def test_nnx_lstm_cell_statistics_average_over_time_and_it_trains():
 
   _, acts = loss_fn(model)
   # Every input gate sees x_t at all 5 steps; every recurrent gate sees h_{t-1}.
-  assert acts["cell"]["ii"]["inputs"].shape == (16 * 5, 2)
-  assert acts["cell"]["hi"]["inputs"].shape == (16 * 5, 8)
-  np.testing.assert_allclose(acts["cell"]["ii"]["inputs"][16:32], x[:, 1])
+  assert acts["rnn"]["cell"]["ii"]["inputs"].shape == (5, 16, 2)
+  assert acts["rnn"]["cell"]["hi"]["inputs"].shape == (5, 16, 8)
+  np.testing.assert_allclose(acts["rnn"]["cell"]["ii"]["inputs"][1], x[:, 1])
 
   optimizer = nnx.Optimizer(model, sngd_jax.sngd(0.1, momentum=0.9,
                                                  inverse_every=5), wrt=nnx.Param)
@@ -286,3 +410,14 @@ def test_nnx_lstm_cell_statistics_average_over_time_and_it_trains():
 
   losses = [float(step(model, optimizer)) for _ in range(40)]
   assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_a_model_that_is_one_layer_gets_its_entry_at_the_root():
+  layer = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  x = jnp.ones((4, 3), jnp.float32)
+  _, acts = sngd_jax.nnx_capture(layer, x)
+  np.testing.assert_array_equal(acts["inputs"], x)
+  params = nnx.state(layer, nnx.Param)
+  tx = sngd_jax.sngd(0.1)
+  updates, _ = tx.update(params, tx.init(params), params, activations=acts)
+  assert updates["kernel"].dtype == jnp.float32
