@@ -9,19 +9,26 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -e '.[dev]'
 	touch $(STAMP)
 
-# K-FAC needs jax 0.9.0 (kfac-jax 0.0.8 fails with jax 0.10.x): its own venv.
-PEER := .peers/kfac
-$(PEER)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(PEER)
-	$(PEER)/bin/pip install 'jax==0.9.0' 'jaxlib==0.9.0' 'kfac-jax==0.0.8' flax optax mnist1d scikit-learn
-	$(PEER)/bin/pip install --no-deps -e .
+# Peers that cannot live beside the project's pins get their own venvs:
+# kfac-jax 0.0.8 needs jax 0.9.0; psgd-jax 0.2.9 needs optax < 0.2.5.
+PEER_DEPS := flax mnist1d scikit-learn
+.peers/kfac/.installed: pyproject.toml
+	$(PYTHON) -m venv .peers/kfac
+	.peers/kfac/bin/pip install 'jax==0.9.0' 'jaxlib==0.9.0' 'kfac-jax==0.0.8' optax $(PEER_DEPS)
+	.peers/kfac/bin/pip install --no-deps -e .
+	touch $@
+
+.peers/psgd/.installed: pyproject.toml
+	$(PYTHON) -m venv .peers/psgd
+	.peers/psgd/bin/pip install 'psgd-jax==0.2.9' 'optax==0.2.4' jax $(PEER_DEPS)
+	.peers/psgd/bin/pip install --no-deps -e .
 	touch $@
 
 .PHONY: demo test bench-full peers
 demo: $(STAMP)
 	$(VENV)/bin/python -m sngd_jax.bench
 
-peers: $(PEER)/.installed
+peers: .peers/kfac/.installed .peers/psgd/.installed
 
 bench-full: $(STAMP) peers
 	$(VENV)/bin/python -m sngd_jax.bench --suite full

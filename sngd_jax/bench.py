@@ -302,30 +302,19 @@ def run(task, data, advance, carry, evaluate, seed=0, evals_per_epoch=4,
 # Reporting.
 
 
-KFAC_RUNS = ("run in its own environment (.peers/kfac: jax 0.9.0, kfac-jax "
-             "0.0.8) on the same batches: lr grid (0.03, 0.1, 0.3), momentum "
-             "0.9, adaptive damping; one dispatch per step")
-
-
 def peer_status() -> dict[str, str]:
-  """Why each peer does or does not run in this benchmark."""
-  reason = peer_runs.kfac_available()
-  status = {"kfac": KFAC_RUNS if reason is None else f"not run: {reason}"}
-  try:
-    importlib.import_module("psgd_jax")
-    status["psgd"] = "psgd-jax imports but is not wired in yet: not run"
-  except Exception as error:  # noqa: BLE001 - report the failure verbatim
-    status["psgd"] = (f"not run: {type(error).__name__}: {str(error)[:100]} "
-                      "(psgd-jax 0.2.9 imports a private Optax module that "
-                      "optax 0.2.8 removed)")
-  return status
+  """How each peer runs in this benchmark, or why it does not."""
+  return {name: peer_runs.status(name) or
+          f"runs in its own environment (.peers/{name}: {peer.pins}) on the "
+          f"same batches, {peer.loop}"
+          for name, peer in peer_runs.PEERS.items()}
 
 
 def _fmt(value, spec):
   return "-" if value is None or (isinstance(value, float) and not np.isfinite(value)) else format(value, spec)
 
 
-def table(task: Task, best: dict[str, dict]) -> str:
+def table(task: Task, best: dict[str, dict], failures: dict[str, str]) -> str:
   adam_step = best["adam"]["step_ms"] if "adam" in best else None
   rows = [f"### {task.name} (target train loss {task.target}, "
           f"{task.epochs} epochs, batch {task.batch_size}"
@@ -341,6 +330,8 @@ def table(task: Task, best: dict[str, dict]) -> str:
         f"{_fmt(r['epochs_to_target'], '.2f')} | {_fmt(r['final_train_loss'], '.4f')} | "
         f"{_fmt(r['test_accuracy'] * 100 if task.loss == 'xent' else None, '.1f')} | "
         f"{_fmt(ratio, '.2f')} | {r['step_ms']:.3f} | {r['state_bytes'] / 1024:.1f} |")
+  for name, error in failures.items():
+    rows.append(f"| {name} | failed at every lr: {error} | | | | | | | |")
   return "\n".join(rows)
 
 
@@ -379,8 +370,8 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=None,
                       help="CI smoke: cap every run at about this many steps")
   parser.add_argument("--tasks", nargs="*", default=None, help="task names to run")
-  parser.add_argument("--optimizers", nargs="*", default=[*OPTIMIZERS, "kfac"],
-                      help="kfac runs only where `make peers` built its environment")
+  parser.add_argument("--optimizers", nargs="*", default=[*OPTIMIZERS, *peer_runs.PEERS],
+                      help="kfac and psgd run only where `make peers` built their environments")
   parser.add_argument("--out", default="bench_out")
   args = parser.parse_args(argv)
 
@@ -397,7 +388,8 @@ def main(argv=None):
                          ("jax", "optax", "flax", "sngd-jax")},
             "tasks": {}}
   lines = [f"Machine: {machine}", ""]
-  with_kfac = "kfac" in args.optimizers and peers["kfac"] == KFAC_RUNS
+  peer_names = [p for p in peer_runs.PEERS
+                if p in args.optimizers and peer_runs.status(p) is None]
   for task in selected:
     data = task.dataset()
     if args.steps is not None:
@@ -405,27 +397,36 @@ def main(argv=None):
     runs = []
     optax_runs = [o for o in args.optimizers if o in OPTIMIZERS]
     total = (sum(len(OPTIMIZERS[o][1]) for o in optax_runs)
-             + with_kfac * len(peer_runs.KFAC_LEARNING_RATES)) * task.epochs
+             + sum(len(peer_runs.PEERS[p].learning_rates) for p in peer_names)
+             ) * task.epochs
+    errors: dict[str, list[str]] = {}
     with tqdm(total=total, desc=task.name, unit="epoch") as bar:
       for name in optax_runs:
         for lr in OPTIMIZERS[name][1]:
           bar.set_postfix(optimizer=name, lr=lr)
           runs.append(train(task, data, name, lr, progress=bar))
-      for lr in peer_runs.KFAC_LEARNING_RATES if with_kfac else ():
-        bar.set_postfix(optimizer="kfac", lr=lr)
-        runs.append(peer_runs.run_kfac(task.name, args.suite, lr,
-                                        task.epochs, args.steps))
-        bar.update(task.epochs)
+      for name in peer_names:
+        for lr in peer_runs.PEERS[name].learning_rates:
+          bar.set_postfix(optimizer=name, lr=lr)
+          try:
+            runs.append(peer_runs.run_peer(name, task.name, args.suite, lr,
+                                           task.epochs, args.steps))
+          except RuntimeError as error:  # reported in the table, not hidden
+            errors.setdefault(name, []).append(str(error))
+          bar.update(task.epochs)
+    failures = {name: messages[-1] for name, messages in errors.items()
+                if not any(r["optimizer"] == name for r in runs)}
     best = {}
     for name in dict.fromkeys(r["optimizer"] for r in runs):
       mine = [r for r in runs if r["optimizer"] == name]
       best[name] = min(mine, key=lambda r: r["val_loss"] if np.isfinite(r["val_loss"]) else np.inf)
-    text = table(task, best)
+    text = table(task, best, failures)
     print("\n" + text + "\n", flush=True)
     lines += [text, ""]
     png = plot(task, best, out)
     report["tasks"][task.name] = dict(task=dataclasses.asdict(task) | {"dataset": data.name, "model": None},
                                       runs=runs, best={k: v["lr"] for k, v in best.items()},
+                                      peer_errors=errors,
                                       plot=str(png))
   lines.append("Peers: " + "; ".join(f"{k}: {v}" for k, v in peers.items()))
   print(lines[-1])
