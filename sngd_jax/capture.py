@@ -228,18 +228,25 @@ def _nest(flat: dict[tuple, dict]) -> dict:
 class _Frame:
 
   def __init__(self):
-    from flax.core.tracers import current_trace
-    self.trace = current_trace()
+    self.trace = self._current_trace()
     self.record: dict[Any, list] = defaultdict(list)
+
+  @staticmethod
+  def _current_trace():
+    from flax.core.tracers import current_trace
+    return current_trace()
+
+  def is_current(self) -> bool:
+    """Whether JAX is tracing at this frame's level (not in an inner trace)."""
+    return self._current_trace() == self.trace
 
 
 _FRAMES: list[_Frame] = []
 
 
 def _record(key, entry):
-  from flax.core.tracers import current_trace
   frame = _FRAMES[-1]
-  if entry is not None and current_trace() == frame.trace:
+  if entry is not None and frame.is_current():
     frame.record[key].append(entry)
 
 
