@@ -13,13 +13,13 @@ What each layer records (the transform reads ``inputs``/``outputs``):
 | Linear / Dense                       | ``x``                                          | ``h = x W + b``      |
 | LinearGeneral / DenseGeneral (one output axis, trailing input axes) | ``x`` with its input axes flattened | ``h`` |
 | Einsum as a dense map (``"btd,df->btf"``: contracts trailing input axes, one output axis) | ``x`` with the contracted axes flattened | ``h`` |
-| Conv (strides, any padding, kernel dilation) | im2col patches ``(..., kh*kw*C_in)``           | ``h``                |
+| Conv (strides, any padding, kernel and input dilation) | im2col patches ``(..., kh*kw*C_in)``, built lazily (``ConvInputs``) | ``h`` |
+| Conv with ``feature_group_count = G > 1`` (depthwise too) | patches ``(..., G, kh*kw*C_in/G)``: one block shared by the groups | none (``linear`` kind only) |
 | Embed                                | token ids                                      | none                 |
 | LayerNorm, BatchNorm, GroupNorm, RMSNorm | ``xhat = (y - bias) / scale`` (the normalized input) | none        |
 
 Cells inside ``nnx.RNN``, ``nn.RNN``, ``nn.scan`` or any ``jax.lax.scan`` are
-captured at every step. Convolutions with ``feature_group_count > 1`` or input
-dilation, LinearGeneral or Einsum with several output axes, and layers
+captured at every step. LinearGeneral or Einsum with several output axes, and layers
 stacked over a scan (one kernel per step) are not: they get the plain
 gradient, and the transform's warning names them.
 """
@@ -27,6 +27,7 @@ gradient, and the transform's warning names them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections import defaultdict
 from typing import Any
@@ -90,40 +91,129 @@ def _tuple(value, spatial):
   return tuple(value)
 
 
+@dataclasses.dataclass(frozen=True)
+class _ConvGeometry:
+  """What im2col needs of a Flax Conv, for one input spatial size.
+
+  Zero pads apply to the input after its dilation, as in
+  ``lax.conv_general_dilated`` (Flax allows input dilation with explicit pads
+  only; CIRCULAR/REFLECT/CAUSAL pad the raw input, ``mode``). With
+  ``groups > 1`` the patches get a group axis before the last:
+  ``(..., groups, kh*kw*C_in/groups)``, the rows of the kernel.
+  """
+
+  kernel_size: tuple[int, ...]
+  strides: tuple[int, ...]
+  dilation: tuple[int, ...]
+  input_dilation: tuple[int, ...]
+  pads: tuple[tuple[int, int], ...]
+  mode: str  # jnp.pad mode
+  groups: int
+
+  @classmethod
+  def of(cls, layer, shape) -> _ConvGeometry | None:
+    kernel_size = tuple(layer.kernel_size) if not isinstance(
+        layer.kernel_size, int) else (layer.kernel_size,)
+    spatial = len(kernel_size)
+    strides = _tuple(layer.strides, spatial)
+    dilation = _tuple(layer.kernel_dilation, spatial)
+    reach = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
+    padding = _pads(layer.padding, reach, shape[-(spatial + 1):-1], strides)
+    if padding is None:
+      return None
+    return cls(kernel_size, strides, dilation,
+               _tuple(layer.input_dilation, spatial),
+               tuple(tuple(int(p) for p in pad) for pad in padding[0]),
+               padding[1], layer.feature_group_count)
+
+  def shape(self, shape):
+    """The patches' shape for an input of ``shape``."""
+    spatial = len(self.kernel_size)
+    batch = shape[:-(spatial + 1)] or (1,)
+    out = [((size - 1) * i + low + high - (k - 1) * d) // s + 1
+           for size, (low, high), i, k, d, s in
+           zip(shape[-(spatial + 1):-1], self.pads, self.input_dilation,
+               self.kernel_size, self.dilation, self.strides)]
+    rows = math.prod(self.kernel_size) * shape[-1] // self.groups
+    group_axis = (self.groups,) if self.groups > 1 else ()
+    return tuple(batch) + tuple(out) + group_axis + (rows,)
+
+  def patches(self, x):
+    """im2col from strided slices of the padded input, one per kernel tap."""
+    spatial = len(self.kernel_size)
+    if x.ndim == spatial + 1:
+      x = x[None]
+    batch_shape = x.shape[:-(spatial + 1)]
+    x = jnp.reshape(x, (-1,) + x.shape[-(spatial + 1):])
+    target = self.shape(x.shape)
+    if self.mode == "constant":  # zeros between the dilated input's entries too
+      x = jax.lax.pad(x, jnp.zeros([], x.dtype), [
+          (0, 0, 0), *[(low, high, i - 1) for (low, high), i
+                       in zip(self.pads, self.input_dilation)], (0, 0, 0)])
+    else:
+      x = jnp.pad(x, [(0, 0), *self.pads, (0, 0)], mode=self.mode)
+    out = target[1:spatial + 1]
+    taps = []
+    for offset in np.ndindex(*self.kernel_size):
+      start = [0] + [o * d for o, d in zip(offset, self.dilation)] + [0]
+      limit = [x.shape[0]] + [b + (n - 1) * s + 1 for b, n, s in
+                              zip(start[1:-1], out, self.strides)] + [x.shape[-1]]
+      taps.append(jax.lax.slice(x, start, limit, [1, *self.strides, 1]))
+    # (N, out..., taps, groups, C_in/groups) -> groups first: the kernel's rows.
+    patches = jnp.stack(taps, axis=-2).reshape(
+        x.shape[:1] + tuple(out) + (len(taps), self.groups, -1))
+    patches = jnp.moveaxis(patches, -2, -3)
+    return jnp.reshape(patches, batch_shape + target[1:])
+
+
+@jax.tree_util.register_pytree_node_class
+class ConvInputs:
+  """A convolution's input, turned into im2col patches only when used.
+
+  The transform calls ``materialize()`` inside its statistics branch, so the
+  patches are built only on the steps that update statistics
+  (``stats_every``), not on every step. ``shape`` and ``dtype`` are those of
+  the patches.
+  """
+
+  def __init__(self, x, geometry: _ConvGeometry):
+    self.x = x
+    self.geometry = geometry
+
+  def tree_flatten(self):
+    return (self.x,), self.geometry
+
+  @classmethod
+  def tree_unflatten(cls, geometry, children):
+    return cls(children[0], geometry)
+
+  @property
+  def shape(self):
+    return self.geometry.shape(self.x.shape)
+
+  @property
+  def ndim(self):
+    return len(self.shape)
+
+  @property
+  def dtype(self):
+    return self.x.dtype
+
+  def materialize(self):
+    return self.geometry.patches(self.x)
+
+
 def conv_patches(layer, x):
   """im2col patches of a Flax Conv's input, ordered like its kernel's rows.
 
   Built from strided slices of the padded input, one per kernel tap: memory
   moves only, far cheaper than ``lax.conv_general_dilated_patches`` (a
-  convolution with an identity kernel). Returns ``None`` where the
-  convolution is not supported (feature groups, input dilation).
+  convolution with an identity kernel). With feature groups the patches are
+  ``(..., groups, kh*kw*C_in/groups)``. Returns ``None`` for a padding Flax
+  does not define.
   """
-  kernel_size = tuple(layer.kernel_size) if not isinstance(
-      layer.kernel_size, int) else (layer.kernel_size,)
-  spatial = len(kernel_size)
-  if (layer.feature_group_count != 1
-      or any(d != 1 for d in _tuple(layer.input_dilation, spatial))):
-    return None
-  strides = _tuple(layer.strides, spatial)
-  dilation = _tuple(layer.kernel_dilation, spatial)
-  if x.ndim == spatial + 1:
-    x = x[None]
-  batch_shape = x.shape[:-(spatial + 1)]
-  x = jnp.reshape(x, (-1,) + x.shape[-(spatial + 1):])
-  reach = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
-  padding = _pads(layer.padding, reach, x.shape[1:-1], strides)
-  if padding is None:
-    return None
-  x = jnp.pad(x, [(0, 0), *padding[0], (0, 0)], mode=padding[1])
-  out = [(size - r) // s + 1 for size, r, s in zip(x.shape[1:-1], reach, strides)]
-  taps = []
-  for offset in np.ndindex(*kernel_size):
-    start = [0] + [o * d for o, d in zip(offset, dilation)] + [0]
-    limit = [x.shape[0]] + [b + (n - 1) * s + 1 for b, n, s in
-                            zip(start[1:-1], out, strides)] + [x.shape[-1]]
-    taps.append(jax.lax.slice(x, start, limit, [1, *strides, 1]))
-  patches = jnp.stack(taps, axis=-2)  # (N, out..., taps, C): the kernel's row order
-  return jnp.reshape(patches, batch_shape + patches.shape[1:-2] + (-1,))
+  geometry = _ConvGeometry.of(layer, x.shape)
+  return None if geometry is None else geometry.patches(x)
 
 
 def _general_inputs(layer, x):
@@ -181,8 +271,13 @@ def _entry(kind, layer, x, y, scale=None, bias=None, einsum_str=None):
     x = _general_inputs(layer, x)
     return None if x is None else {"inputs": x, "outputs": y}
   if kind == "conv":
-    patches = conv_patches(layer, x)
-    return None if patches is None else {"inputs": patches, "outputs": y}
+    geometry = _ConvGeometry.of(layer, x.shape)
+    if geometry is None:
+      return None
+    entry = {"inputs": ConvInputs(x, geometry)}
+    if geometry.groups == 1:  # per-unit kinds need one input row per output
+      entry["outputs"] = y
+    return entry
   if kind == "embed":
     return {"inputs": x}
   return {"inputs": _normalized(y, scale, bias)}  # norm
@@ -194,7 +289,8 @@ def _merge(entries: list[dict]) -> dict:
     return jax.tree.map(jax.lax.stop_gradient, entries[0])
   merged = {}
   for key in entries[0]:
-    parts = [e[key] for e in entries]
+    parts = [e[key].materialize() if isinstance(e[key], ConvInputs) else e[key]
+             for e in entries]
     if key == "inputs" and jnp.issubdtype(parts[0].dtype, jnp.integer):
       merged[key] = jnp.concatenate([jnp.reshape(p, (-1,)) for p in parts])
     else:

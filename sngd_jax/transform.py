@@ -413,21 +413,45 @@ def scale_by_sngd(
       _check_entry(by_path[path], entry)
 
     leaves, treedef = jax.tree.flatten(updates)
-    do_stats = state.count % stats_every == 0
-    do_refresh = state.count % inverse_every == 0
-    stats, preconditioners = dict(state.stats), dict(state.preconditioners)
-    stats_faults, inverse_faults = state.stats_faults, state.inverse_faults
-    for path, entry in entries.items():
-      layer = by_path[path]
+    active = {path: by_path[path] for path in entries}
+
+    count = state.count
+
+    # One cond for every layer's statistics: on the steps in between, the
+    # program skips them all at once.
+    def all_statistics():
+      out, faults = {}, jnp.zeros([], jnp.int32)
+      for path, layer in active.items():
+        with jax.named_scope(f"sngd/{path}"):
+          out[path], fault = _statistic_ema(
+              layer, entries[path], state.stats[path], ema_decay)
+        faults += fault.astype(jnp.int32)
+      return out, faults
+
+    fresh_stats, stat_faults = jax.lax.cond(
+        count % stats_every == 0, all_statistics,
+        lambda: ({path: state.stats[path] for path in active},
+                 jnp.zeros([], jnp.int32)))
+    stats = {**state.stats, **fresh_stats}
+    # Refreshes keep a cond per layer: one cond around all of them (each with
+    # its retry cond inside) deadlocks XLA:CPU's concurrent scheduler
+    # (jax 0.10.2).
+    fresh_preconditioners, inverse_faults = {}, jnp.zeros([], jnp.int32)
+    for path, layer in active.items():
       with jax.named_scope(f"sngd/{path}"):
-        stats[path], stat_fault = _update_stats(
-            layer, entry, stats[path], do_stats, ema_decay)
-        preconditioners[path], inverse_fault = _refresh(
-            layer, stats[path], preconditioners[path], do_refresh, damping,
-            relative_damping, solver)
+        fresh_preconditioners[path], fault = jax.lax.cond(
+            count % inverse_every == 0,
+            lambda layer=layer, path=path: _refreshed(
+                layer, stats[path], state.preconditioners[path], damping,
+                relative_damping, solver),
+            lambda path=path: (state.preconditioners[path], jnp.array(False)))
+      inverse_faults += fault.astype(jnp.int32)
+    preconditioners = {**state.preconditioners, **fresh_preconditioners}
+    for path, layer in active.items():
+      with jax.named_scope(f"sngd/{path}/apply"):
         _precondition(layer, preconditioners[path], leaves)
-      stats_faults += stat_fault.astype(jnp.int32)
-      inverse_faults += inverse_fault.astype(jnp.int32)
+    stats_faults = state.stats_faults + stat_faults
+    inverse_faults = state.inverse_faults + inverse_faults
     new_state = ScaleBySNGDState(
         optax.safe_increment(state.count), stats, preconditioners,
         stats_faults, inverse_faults)
@@ -436,25 +460,30 @@ def scale_by_sngd(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _update_stats(layer, entry, old, do_stats, ema_decay):
-  """EMA of the layer's statistic; a non-finite batch statistic is skipped."""
-
-  def new():
-    with jax.named_scope("statistics"):
-      dtype = jax.tree.leaves(old)[0].dtype
-      stat = jax.tree.map(
-          lambda s, o: s.astype(o.dtype),
-          layer.block.statistic(entry["inputs"], entry.get("outputs"), dtype),
-          old)
-      ok = _all_finite(stat)
-      ema = jax.tree.map(lambda o, s: ema_decay * o + (1 - ema_decay) * s,
-                         old, stat)
-      return jax.tree.map(lambda e, o: jnp.where(ok, e, o), ema, old), ~ok
-
-  return jax.lax.cond(do_stats, new, lambda: (old, jnp.array(False)))
+def _materialized(x):
+  """Inputs given lazily (a convolution's ``ConvInputs``) are built here only."""
+  return x.materialize() if hasattr(x, "materialize") else x
 
 
-def _refresh(layer, stats, old, do_refresh, damping, relative_damping, solver):
+def _statistic_ema(layer, entry, old, ema_decay):
+  """EMA of the layer's statistic; a non-finite batch statistic is skipped.
+
+  Returns the new statistics and whether this batch's was skipped.
+  """
+  with jax.named_scope("statistics"):
+    dtype = jax.tree.leaves(old)[0].dtype
+    stat = jax.tree.map(
+        lambda s, o: s.astype(o.dtype),
+        layer.block.statistic(_materialized(entry["inputs"]),
+                              entry.get("outputs"), dtype),
+        old)
+    ok = _all_finite(stat)
+    ema = jax.tree.map(lambda o, s: ema_decay * o + (1 - ema_decay) * s,
+                       old, stat)
+    return jax.tree.map(lambda e, o: jnp.where(ok, e, o), ema, old), ~ok
+
+
+def _refreshed(layer, stats, old, damping, relative_damping, solver):
   """New damped inverse; a non-finite one is retried with more damping, then rejected.
 
   Returns the preconditioner and whether the first attempt failed. A block
@@ -469,14 +498,11 @@ def _refresh(layer, stats, old, do_refresh, damping, relative_damping, solver):
         solver), old)
     return fresh, _all_finite(fresh)
 
-  def new():
-    with jax.named_scope("refresh"):
-      fresh, ok = attempt(1.0, 0.0)
-      fresh, retry_ok = jax.lax.cond(
-          ok, lambda: (fresh, ok), lambda: attempt(100.0, 1e-3))
-      return jax.tree.map(lambda f, o: jnp.where(retry_ok, f, o), fresh, old), ~ok
-
-  return jax.lax.cond(do_refresh, new, lambda: (old, jnp.array(False)))
+  with jax.named_scope("refresh"):
+    fresh, ok = attempt(1.0, 0.0)
+    fresh, retry_ok = jax.lax.cond(
+        ok, lambda: (fresh, ok), lambda: attempt(100.0, 1e-3))
+    return jax.tree.map(lambda f, o: jnp.where(retry_ok, f, o), fresh, old), ~ok
 
 
 def _precondition(layer: Layer, precond, leaves: list):

@@ -26,22 +26,30 @@ def dense_reference(x, g_kernel, g_bias):
   return np.linalg.solve(damp(xt.T @ xt / xt.shape[0]), g)
 
 
-@pytest.mark.parametrize("strides,padding,dilation", [
-    (1, "SAME", 1), (2, "VALID", 1), ((2, 1), [(1, 2), (0, 1)], 1),
-    (1, "SAME", 2), (1, 1, (1, 2)), (1, "CIRCULAR", 1), (2, "CIRCULAR", (2, 1)),
-    (1, "REFLECT", 1)])
-def test_conv_patches_reproduce_the_convolution(strides, padding, dilation):
+@pytest.mark.parametrize("strides,padding,dilation,input_dilation", [
+    (1, "SAME", 1, 1), (2, "VALID", 1, 1), ((2, 1), [(1, 2), (0, 1)], 1, 1),
+    (1, "SAME", 2, 1), (1, 1, (1, 2), 1), (1, "CIRCULAR", 1, 1),
+    (2, "CIRCULAR", (2, 1), 1), (1, "REFLECT", 1, 1),
+    # Input dilation (Flax allows it with explicit pads only).
+    ((2, 1), [(1, 2), (0, 1)], 1, 2), (1, 1, (1, 2), (2, 1)),
+    (1, [(0, 0), (2, 1)], 1, (1, 3))])
+def test_conv_patches_reproduce_the_convolution(strides, padding, dilation,
+                                                input_dilation):
   conv = nnx.Conv(3, 5, (3, 2), strides=strides, padding=padding,
-                  kernel_dilation=dilation, rngs=nnx.Rngs(0),
+                  kernel_dilation=dilation, input_dilation=input_dilation,
+                  rngs=nnx.Rngs(0),
                   param_dtype=jnp.float64)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 8, 3), jnp.float64)
   patches = sngd_jax.conv_patches(conv, x)
-  y = conv(x)
+  y, acts = sngd_jax.nnx_capture(conv, x)
+  # The captured entry builds the same patches lazily, with the same shape.
+  assert acts["inputs"].shape == patches.shape
+  np.testing.assert_array_equal(acts["inputs"].materialize(), patches)
   np.testing.assert_allclose(
       patches @ conv.kernel[...].reshape(-1, 5) + conv.bias[...], y, atol=1e-12)
 
 
-def test_conv_1d_and_grouped():
+def test_conv_1d_and_causal():
   conv = nnx.Conv(2, 4, 3, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
   x = jnp.ones((3, 10, 2), jnp.float64)
   np.testing.assert_allclose(
@@ -52,10 +60,41 @@ def test_conv_1d_and_grouped():
   np.testing.assert_allclose(
       sngd_jax.conv_patches(causal, x) @ causal.kernel[...].reshape(-1, 4)
       + causal.bias[...], causal(x), atol=1e-12)
-  grouped = nnx.Conv(4, 4, 3, feature_group_count=2, rngs=nnx.Rngs(0))
-  assert sngd_jax.conv_patches(grouped, jnp.ones((1, 5, 4))) is None
-  dilated = nnx.Conv(2, 4, 3, input_dilation=2, rngs=nnx.Rngs(0))
-  assert sngd_jax.conv_patches(dilated, jnp.ones((1, 5, 2))) is None
+
+  dilated = nnx.Conv(2, 4, 3, padding=2, input_dilation=2,
+                     rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+  np.testing.assert_allclose(
+      sngd_jax.conv_patches(dilated, x) @ dilated.kernel[...].reshape(-1, 4)
+      + dilated.bias[...], dilated(x), atol=1e-12)
+
+
+@pytest.mark.parametrize("groups", [2, 6])  # 6: depthwise
+def test_grouped_conv_shares_one_block_over_its_groups(groups):
+  conv = nnx.Conv(6, 12, (3, 3), feature_group_count=groups, padding="SAME",
+                  rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 5, 5, 6), jnp.float64)
+  patches = sngd_jax.conv_patches(conv, x)
+  rows = 9 * 6 // groups
+  assert patches.shape == (4, 5, 5, groups, rows)
+  kernel = conv.kernel[...].reshape(rows, groups, 12 // groups)
+  y = jnp.einsum("...gr,rgo->...go", patches, kernel).reshape(4, 5, 5, 12)
+  np.testing.assert_allclose(y + conv.bias[...], conv(x), atol=1e-12)
+
+  def loss(conv):
+    y, acts = sngd_jax.nnx_capture(conv, x)
+    return jnp.sum(jnp.sin(y)), acts
+
+  (_, acts), grads = nnx.value_and_grad(loss, has_aux=True)(conv)
+  params = nnx.as_pure(nnx.state(conv, nnx.Param))
+  grads = nnx.as_pure(nnx.state(grads, nnx.Param))
+  updates = one_update(params, grads, acts)
+  # One block E[x~ x~^T] over every position and every group's patch.
+  expected = dense_reference(patches, grads["kernel"], grads["bias"])
+  np.testing.assert_allclose(updates["kernel"].reshape(rows, 12),
+                             expected[:-1], rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(updates["bias"], expected[-1], rtol=1e-9)
+  with pytest.raises(ValueError, match="needs 'outputs'"):
+    one_update(params, grads, acts, layer_fisher="relu")
 
 
 class CNN(nnx.Module):
