@@ -63,7 +63,9 @@ OPTIMIZERS: dict[str, tuple[Callable[[float], optax.GradientTransformation], tup
     "sgd": (_sgd, (0.03, 0.1, 0.3)),
     "muon": (_muon, (3e-3, 1e-2, 3e-2)),
 }
-
+# Their step scales with the gradient (Adam's, Muon's and the peers' do not):
+# a task whose loss is a sum over outputs multiplies their grid by its lr_scale.
+GRADIENT_SCALED = ("sngd", "sgd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +79,12 @@ class Task:
   loss: str = "xent"  # or "bce" (autoencoder reconstruction)
   published: str = ""  # published test accuracy, for context
   clip: float | None = None  # global-norm gradient clipping, for every optimizer alike
+  lr_scale: float = 1.0  # for GRADIENT_SCALED optimizers' grids
+
+
+def grid(task: Task, name: str) -> tuple[float, ...]:
+  scale = task.lr_scale if name in GRADIENT_SCALED else 1.0
+  return tuple(float(f"{lr * scale:.3g}") for lr in OPTIMIZERS[name][1])
 
 
 MNIST1D_PAPER = "MNIST-1D paper: MLP 68%, CNN 94%, GRU 91%"
@@ -107,7 +115,7 @@ def tasks(suite: str, fast: bool) -> list[Task]:
           Task("fmnist-mlp-80x6", fmnist, lambda: models.MLP((80,) * 6), 128,
                epochs(10), 0.25),
           Task("fmnist-autoencoder", fmnist, models.Autoencoder, 256,
-               epochs(3), 250.0, loss="bce"),
+               epochs(3), 250.0, loss="bce", lr_scale=0.1),
           Task("fmnist-cnn", fmnist,
                lambda: models.CNN((16, 32), kernel=3, spatial=2), 128,
                epochs(3), 0.3),
@@ -396,13 +404,13 @@ def main(argv=None):
       task, data = smoke(task, data, args.steps)
     runs = []
     optax_runs = [o for o in args.optimizers if o in OPTIMIZERS]
-    total = (sum(len(OPTIMIZERS[o][1]) for o in optax_runs)
+    total = (sum(len(grid(task, o)) for o in optax_runs)
              + sum(len(peer_runs.PEERS[p].learning_rates) for p in peer_names)
              ) * task.epochs
     errors: dict[str, list[str]] = {}
     with tqdm(total=total, desc=task.name, unit="epoch") as bar:
       for name in optax_runs:
-        for lr in OPTIMIZERS[name][1]:
+        for lr in grid(task, name):
           bar.set_postfix(optimizer=name, lr=lr)
           runs.append(train(task, data, name, lr, progress=bar))
       for name in peer_names:
