@@ -116,7 +116,9 @@ class NystromLinear:
 
   The columns are a uniformly random subset of the input features, drawn once
   from the layer's path (so every run and every host draws the same ones); the
-  bias column is always among them. Memory and statistics cost O(N n m).
+  bias column is always among them. What the columns miss is damped by its
+  mean eigenvalue (``linalg.nystrom_factors``' spectral shift). Memory and
+  statistics cost O(N n m).
   """
 
   n: int
@@ -146,8 +148,8 @@ class NystromLinear:
     del solver  # Woodbury needs one m x m Cholesky, whatever the solver.
     shift = linalg.damping_for(
         jnp.sum(stats["diagonal"]), self.n, damping, relative_damping)
-    basis, core = linalg.nystrom_factors(
-        stats["columns"], np.array(self.columns), shift)
+    basis, core, shift = linalg.nystrom_factors(
+        stats["columns"], np.array(self.columns), shift, stats["diagonal"])
     return {"basis": basis, "core": core, "shift": shift}
 
   def apply(self, precond, g):

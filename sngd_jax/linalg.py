@@ -86,7 +86,7 @@ def inverse(a, solver: str):
   raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
 
 
-def nystrom_factors(columns, column_index, shift):
+def nystrom_factors(columns, column_index, shift, diagonal=None):
   """Woodbury factors of ``(shift * I + C W^+ C^T)^{-1}``.
 
   The Nystrom approximation of a PSD matrix G from m of its columns
@@ -96,21 +96,34 @@ def nystrom_factors(columns, column_index, shift):
   ``(shift I + B B^T)^-1 v = (v - B (shift I + B^T B)^-1 B^T v) / shift``:
   O(n m^2 + m^3) instead of O(n^3), and well defined for a singular W.
 
+  The approximation drops the PSD residual ``G - B B^T``; in the directions
+  the sampled columns miss, its inverse is ``1 / shift``, a far larger step
+  than the curvature there allows when G is not low-rank. Given G's
+  ``diagonal``, the residual is replaced by its mean eigenvalue
+  ``(trace G - trace B B^T) / (n - m)`` times I, added to the shift (spectral
+  shifting, Wang et al. 2014): the approximation keeps G's trace.
+
   Args:
     columns: ``C``, shape ``(n, m)``.
     column_index: ``S``, integer array ``(m,)``: which rows of C form W.
     shift: the damping, a positive scalar.
+    diagonal: G's diagonal ``(n,)``, for the spectral shift; ``None``: none.
 
   Returns:
-    ``(basis, core)``: ``B (n, m)`` and ``(shift I + B^T B)^{-1} (m, m)``.
+    ``(basis, core, shift)``: ``B (n, m)``, ``(shift I + B^T B)^{-1} (m, m)``
+    and the shift used (with the spectral shift).
   """
   w = columns[column_index]
   vals, vecs = jnp.linalg.eigh(0.5 * (w + w.T))
   cutoff = jnp.finfo(w.dtype).eps * w.shape[0] * jnp.max(vals)
   inv_sqrt = jnp.where(vals > cutoff, 1.0 / jnp.sqrt(jnp.maximum(vals, cutoff)), 0.0)
   basis = columns @ (vecs * inv_sqrt)
+  if diagonal is not None:
+    n, m = basis.shape
+    residual = jnp.sum(diagonal) - jnp.sum(basis * basis)
+    shift = shift + jnp.maximum(residual, 0.0) / max(n - m, 1)
   eye = jnp.eye(w.shape[0], dtype=w.dtype)
-  return basis, cholesky_inverse(shift * eye + basis.T @ basis)
+  return basis, cholesky_inverse(shift * eye + basis.T @ basis), shift
 
 
 def nystrom_apply(basis, core, shift, v):

@@ -245,3 +245,32 @@ def test_reconstruction_theorem_gd_on_reparametrized_network_is_ngd():
   for name in params:
     np.testing.assert_allclose(stacked(w[name]), stacked(expected[name]),
                                rtol=1e-9, atol=1e-10)
+
+
+def test_nystrom_block_against_its_explicit_construction():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(50, 30)) * np.linspace(0.2, 3.0, 30)
+  params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(30, 4))),
+                      "bias": jnp.zeros(4)}}
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
+  acts = {"dense": {"inputs": jnp.asarray(x)}}
+  tx = sngd_jax.scale_by_sngd(ema_decay=0.0, damping=DAMPING,
+                              relative_damping=RELATIVE,
+                              nystrom=sngd_jax.Nystrom(rank=6, min_dim=8))
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+
+  xt = with_ones(x)
+  g = xt.T @ xt / len(xt)
+  columns = np.array(sngd_jax.fisher.NystromLinear.for_layer(
+      "dense", 31, 6, bias=True).columns)
+  assert 30 in columns  # the bias column is always sampled
+  approx = g[:, columns] @ np.linalg.pinv(g[np.ix_(columns, columns)]) @ g[columns]
+  spectral = (np.trace(g) - np.trace(approx)) / (31 - 6)
+  shift = DAMPING + RELATIVE * np.trace(g) / 31 + spectral
+  stacked_grads = np.concatenate([grads["dense"]["kernel"],
+                                  grads["dense"]["bias"][None]])
+  expected = np.linalg.solve(approx + shift * np.eye(31), stacked_grads)
+  np.testing.assert_allclose(updates["dense"]["kernel"], expected[:-1],
+                             rtol=1e-8, atol=1e-12)
+  np.testing.assert_allclose(updates["dense"]["bias"], expected[-1],
+                             rtol=1e-8, atol=1e-12)

@@ -59,7 +59,8 @@ def low_rank_plus_noise(n, rank, noise, seed=0):
 
 def nystrom_error(g, columns, shift):
   c = jnp.asarray(g[:, columns])
-  basis, core = linalg.nystrom_factors(c, np.array(columns), shift)
+  basis, core, used = linalg.nystrom_factors(c, np.array(columns), shift)
+  assert used == shift  # no diagonal: no spectral shift
   v = np.random.default_rng(1).normal(size=(g.shape[0], 3))
   got = np.asarray(linalg.nystrom_apply(basis, core, shift, jnp.asarray(v)))
   expected = np.linalg.solve(g + shift * np.eye(g.shape[0]), v)
@@ -82,3 +83,31 @@ def test_nystrom_error_shrinks_as_rank_grows():
   errors = [nystrom_error(g, sorted(order[:m]), 0.5) for m in (5, 15, 30, 60, 120)]
   assert all(b < a for a, b in zip(errors, errors[1:])), errors
   assert errors[-1] < 1e-9 and errors[0] > 1e-2, errors
+
+
+def test_nystrom_spectral_shift_keeps_the_trace_and_tames_missed_directions():
+  # Not low-rank: 8 large eigenvalues over a flat tail that 16 columns miss.
+  rng = np.random.default_rng(4)
+  q, _ = np.linalg.qr(rng.normal(size=(64, 64)))
+  g = q @ np.diag([100.0] * 8 + [1.0] * 56) @ q.T
+  columns = np.sort(rng.permutation(64)[:16])
+  shift = 1e-2
+  c = jnp.asarray(g[:, columns])
+  basis, core, total = linalg.nystrom_factors(c, columns, shift,
+                                              jnp.asarray(np.diag(g)))
+  basis = np.asarray(basis)
+  # The residual's mean eigenvalue, added to the shift, restores the trace.
+  np.testing.assert_allclose(
+      np.trace(basis @ basis.T) + (float(total) - shift) * 48, np.trace(g),
+      rtol=1e-9)
+  v = rng.normal(size=(64, 3))
+  exact = np.linalg.solve(g + shift * np.eye(64), v)
+  shifted = np.asarray(linalg.nystrom_apply(basis, core, total, v))
+  plain_basis, plain_core, _ = linalg.nystrom_factors(c, columns, shift)
+  plain = np.asarray(linalg.nystrom_apply(plain_basis, plain_core, shift, v))
+  # Without the shift the missed directions get 1/shift = 100 times the step
+  # the tail's curvature (1) allows; with it, the step is of the right size.
+  assert np.linalg.norm(plain) > 30 * np.linalg.norm(exact)
+  assert np.linalg.norm(shifted) < 1.5 * np.linalg.norm(exact)
+  assert (np.linalg.norm(shifted - exact) / np.linalg.norm(exact)
+          < 0.1 * np.linalg.norm(plain - exact) / np.linalg.norm(exact))
