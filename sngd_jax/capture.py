@@ -199,6 +199,12 @@ class ConvInputs:
   def dtype(self):
     return self.x.dtype
 
+  @property
+  def positions(self):
+    """Patches per example: every output position, not the group axis."""
+    shape = self.shape
+    return math.prod(shape[1:-1]) // self.geometry.groups
+
   def materialize(self):
     return self.geometry.patches(self.x)
 
@@ -284,14 +290,26 @@ def _entry(kind, layer, x, y, scale=None, bias=None, einsum_str=None):
 
 
 def _merge(entries: list[dict]) -> dict:
-  """Rows of every use of one layer, stacked: statistics average over uses."""
+  """Every use of one layer, stacked along the positions of each example.
+
+  Inputs keep their first axis as the examples (batch) axis, the convention
+  the transform reads weight sharing from: uses of shape ``(B, ..., d)``
+  become one ``(B, P, d)`` (token ids ``(B, P)``); uses with different batch
+  sizes are flattened to rows ``(N, d)``.
+  """
   if len(entries) == 1:
     return jax.tree.map(jax.lax.stop_gradient, entries[0])
   merged = {}
   for key in entries[0]:
     parts = [e[key].materialize() if isinstance(e[key], ConvInputs) else e[key]
              for e in entries]
-    if key == "inputs" and jnp.issubdtype(parts[0].dtype, jnp.integer):
+    ids = jnp.issubdtype(parts[0].dtype, jnp.integer)
+    batch = {p.shape[0] if p.ndim > (0 if ids else 1) else None for p in parts}
+    if len(batch) == 1 and None not in batch:
+      tail = () if ids else (parts[0].shape[-1],)
+      merged[key] = jnp.concatenate(
+          [jnp.reshape(p, (p.shape[0], -1) + tail) for p in parts], axis=1)
+    elif ids:
       merged[key] = jnp.concatenate([jnp.reshape(p, (-1,)) for p in parts])
     else:
       merged[key] = jnp.concatenate([_flat_rows(p) for p in parts])
@@ -379,6 +397,20 @@ def _outer_key(key, carry, init, xs):
   return key  # A closed-over value is the outer one.
 
 
+def _examples_first(stacked):
+  """A record stacked over scan steps, ``(steps, B, ...)`` -> ``(B, steps, ...)``.
+
+  The examples axis stays first; a record without one (an unbatched input)
+  is left as it is.
+  """
+  if isinstance(stacked, ConvInputs):
+    batched = stacked.x.ndim > len(stacked.geometry.kernel_size) + 2
+    return ConvInputs(jnp.moveaxis(stacked.x, 0, 1), stacked.geometry) if (
+        batched) else stacked
+  features = 0 if jnp.issubdtype(stacked.dtype, jnp.integer) else 1
+  return jnp.moveaxis(stacked, 0, 1) if stacked.ndim > features + 1 else stacked
+
+
 def _capturing_scan(original):
   """``lax.scan`` whose body's records come out as stacked scan outputs."""
 
@@ -404,7 +436,8 @@ def _capturing_scan(original):
 
     carry, (ys, stacked) = original(body, init, xs, length, **kwargs)
     for key, entry in zip(keys, stacked):
-      _record(key, entry)
+      _record(key, {name: _examples_first(value)
+                    for name, value in entry.items()})
     return carry, ys
 
   return scan

@@ -89,8 +89,20 @@ def _vmapped_inverse(stats, damping, relative_damping, solver):
   return jax.vmap(lambda g: linalg.inverse(g + shift * eye, solver))(stats)
 
 
+class _Block:
+  """What every block shares: its statistic's scale under weight sharing."""
+
+  def scaled(self, stats, uses):
+    """The statistic of a layer used ``uses`` times per example.
+
+    The gradient of a per-example loss sums over the uses, so the per-example
+    Fisher sums over them too: ``uses`` times the mean over uses.
+    """
+    return jax.tree.map(lambda s: s * uses, stats)
+
+
 @dataclasses.dataclass(frozen=True)
-class Linear:
+class Linear(_Block):
   """One block ``E[x~ x~^T]`` shared by all output units."""
 
   n: int
@@ -111,7 +123,7 @@ class Linear:
 
 
 @dataclasses.dataclass(frozen=True)
-class NystromLinear:
+class NystromLinear(_Block):
   """The ``linear`` block approximated from ``m`` fixed sampled columns.
 
   The columns are a uniformly random subset of the input features, drawn once
@@ -158,7 +170,7 @@ class NystromLinear:
 
 
 @dataclasses.dataclass(frozen=True)
-class _UnitBlocks:
+class _UnitBlocks(_Block):
   """A ``(n, n)`` block per output unit, inverted in one batched vmap."""
 
   n: int
@@ -189,7 +201,7 @@ class PerUnit(_UnitBlocks):
 
 
 @dataclasses.dataclass(frozen=True)
-class Softmax:
+class Softmax(_Block):
   """Output layer: Kronecker product of ``E[diag(eta) - eta eta^T]`` and ``E[x~ x~^T]``.
 
   The damped Kronecker product is inverted exactly from the eigenpairs of the
@@ -198,6 +210,10 @@ class Softmax:
 
   n: int
   d_out: int
+
+  def scaled(self, stats, uses):
+    # Scaling one factor scales the Kronecker product.
+    return {**stats, "input": stats["input"] * uses}
 
   def init(self, dtype):
     return {"output": jnp.eye(self.d_out, dtype=dtype),
@@ -245,7 +261,7 @@ class Affine(_UnitBlocks):
 
 
 @dataclasses.dataclass(frozen=True)
-class Embedding:
+class Embedding(_Block):
   """Diagonal Fisher of an embedding table: each row's token frequency."""
 
   vocab: int

@@ -32,10 +32,20 @@ def cholesky_inverse(a):
   return jax.scipy.linalg.cho_solve(chol, jnp.eye(a.shape[-1], dtype=a.dtype))
 
 
+def _rejected_unless(ok, x):
+  """``x``, or NaN where ``ok`` is False: the caller's finiteness check rejects it."""
+  return jnp.where(ok, x, jnp.nan)
+
+
 def eigh_inverse(a):
-  """Inverse of a symmetric positive definite matrix through ``eigh``."""
+  """Inverse of a symmetric positive definite matrix through ``eigh``.
+
+  A damped block has eigenvalues of at least its damping; an ``eigh`` that
+  returns one at or below zero (rounding on an ill-conditioned block) would
+  give an indefinite inverse, an ascent direction: the result is rejected.
+  """
   eigvals, eigvecs = jnp.linalg.eigh(a)
-  return (eigvecs / eigvals) @ eigvecs.T
+  return _rejected_unless(jnp.min(eigvals) > 0, (eigvecs / eigvals) @ eigvecs.T)
 
 
 def denman_beavers(a, iterations: int = 24):
@@ -69,10 +79,17 @@ def denman_beavers(a, iterations: int = 24):
   return y * root, z / root
 
 
-def denman_beavers_inverse(a):
-  """Inverse of ``a`` as ``A^{-1/2} A^{-1/2}``: the reconstruction's map."""
+def denman_beavers_inverse(a, tolerance: float = 1e-3):
+  """Inverse of ``a`` as ``A^{-1/2} A^{-1/2}``: the reconstruction's map.
+
+  Rejected (NaN) unless the iteration converged: the residual
+  ``||A^{-1/2} A A^{-1/2} - I||_F / sqrt(n)`` must be below ``tolerance``.
+  """
   _, inv_sqrt = denman_beavers(a)
-  return inv_sqrt @ inv_sqrt
+  eye = jnp.eye(a.shape[-1], dtype=a.dtype)
+  residual = jnp.linalg.norm(inv_sqrt @ a @ inv_sqrt - eye) / jnp.sqrt(
+      a.shape[-1])
+  return _rejected_unless(residual < tolerance, inv_sqrt @ inv_sqrt)
 
 
 def inverse(a, solver: str):

@@ -17,7 +17,9 @@ import optax
 
 from sngd_jax import fisher, linalg
 
-LayerFisher = Union[str, Mapping[str, str], Callable[[str], str]]
+PerLayer = Union[str, Mapping[str, str], Callable[[str], str]]
+LayerFisher = PerLayer
+WEIGHT_SHARING = ("reduce", "expand")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,8 +31,8 @@ class Nystrom:
     min_dim: blocks with more rows than this (``d_in + 1``) use Nystrom.
   """
 
-  rank: int = 256
-  min_dim: int = 1024
+  rank: int = 32
+  min_dim: int = 512
 
   def __post_init__(self):
     for name in ("rank", "min_dim"):
@@ -43,10 +45,12 @@ class ScaleBySNGDState(NamedTuple):
   """State of :func:`scale_by_sngd`. Dicts are keyed by the layer's path ``"a/b/0"``."""
 
   count: jax.Array  # int32 (): steps taken.
-  stats: dict[str, Any]  # EMA local Fisher per layer; shapes in ``sngd_jax.fisher``.
+  stats_weight: jax.Array  # float (): 1 - ema_decay^k after k statistics updates.
+  stats: dict[str, Any]  # Zero-started EMA local Fisher per layer; shapes in ``sngd_jax.fisher``.
   preconditioners: dict[str, Any]  # Damped inverse per layer, refreshed every ``inverse_every``.
   stats_faults: jax.Array  # int32 (): batches whose statistic was not finite (skipped).
-  inverse_faults: jax.Array  # int32 (): refreshes whose inverse was not finite (retried, else last good kept).
+  inverse_faults: jax.Array  # int32 (): refreshes that failed (retried, else last good kept).
+  clipped: jax.Array  # int32 (): steps whose direction ``kl_clip`` shortened.
 
 
 # ----------------------------------------------------------------------------
@@ -92,15 +96,16 @@ class Layer:
   d_out: int
 
 
-def _resolve_kind(layer_fisher: LayerFisher, path: str) -> str:
-  if isinstance(layer_fisher, str):
-    return layer_fisher
-  if isinstance(layer_fisher, Mapping):
-    for pattern, kind in layer_fisher.items():
+def _resolve(option: PerLayer, path: str, default: str) -> str:
+  """A per-layer option's value: one value, glob patterns of paths, or a callable."""
+  if isinstance(option, str):
+    return option
+  if isinstance(option, Mapping):
+    for pattern, value in option.items():
       if fnmatch.fnmatchcase(path, pattern):
-        return kind
-    return "linear"
-  return layer_fisher(path)
+        return value
+    return default
+  return option(path)
 
 
 def _dense_block(kind, path, n, d_out, bias, nystrom):
@@ -156,7 +161,7 @@ def _module_layer(path, children, layer_fisher, nystrom):
     kernel_shape = shape("kernel")
     if len(kernel_shape) < 2:
       return None
-    kind = _resolve_kind(layer_fisher, path)
+    kind = _resolve(layer_fisher, path, "linear")
     if kind not in fisher.KINDS:
       raise ValueError(f"layer_fisher for {path!r} is {kind!r}; expected one "
                        f"of {fisher.KINDS}")
@@ -176,7 +181,7 @@ def _module_layer(path, children, layer_fisher, nystrom):
     block = _dense_block(kind, path, n, d_out, "bias" in children, nystrom)
     return Layer(path, kind, block, tuple(leaves), d_in, d_out)
 
-  if not isinstance(layer_fisher, str) and _resolve_kind(layer_fisher, path) == "none":
+  if not isinstance(layer_fisher, str) and _resolve(layer_fisher, path, "linear") == "none":
     return None
   if "embedding" in children and len(shape("embedding")) >= 2:
     table = shape("embedding")
@@ -252,6 +257,17 @@ def _is_number(x) -> bool:
   return isinstance(x, numbers.Number) and not isinstance(x, bool)
 
 
+def _validate_per_layer(name, option, values):
+  if isinstance(option, str) and option not in values:
+    raise ValueError(f"{name} must be one of {values}, a mapping or a "
+                     f"callable, got {option!r}")
+  if isinstance(option, Mapping):
+    for pattern, value in option.items():
+      if value not in values:
+        raise ValueError(f"{name}[{pattern!r}] is {value!r}; expected one of "
+                         f"{values}")
+
+
 def _validate(ema_decay, damping, relative_damping, stats_every, inverse_every,
               layer_fisher, solver, nystrom):
   if _is_number(ema_decay) and not 0.0 <= ema_decay < 1.0:
@@ -271,14 +287,7 @@ def _validate(ema_decay, damping, relative_damping, stats_every, inverse_every,
       raise ValueError(f"{name} must be an integer >= 1, got {value}")
   if solver not in linalg.SOLVERS:
     raise ValueError(f"solver must be one of {linalg.SOLVERS}, got {solver!r}")
-  if isinstance(layer_fisher, str) and layer_fisher not in fisher.KINDS:
-    raise ValueError(f"layer_fisher must be one of {fisher.KINDS}, a mapping "
-                     f"or a callable, got {layer_fisher!r}")
-  if isinstance(layer_fisher, Mapping):
-    for pattern, kind in layer_fisher.items():
-      if kind not in fisher.KINDS:
-        raise ValueError(f"layer_fisher[{pattern!r}] is {kind!r}; expected "
-                         f"one of {fisher.KINDS}")
+  _validate_per_layer("layer_fisher", layer_fisher, fisher.KINDS)
   if nystrom is not None and not isinstance(nystrom, Nystrom):
     raise ValueError(f"nystrom must be None or sngd_jax.Nystrom, got {nystrom!r}")
 
@@ -300,11 +309,14 @@ def scale_by_sngd(
     ema_decay: float = 0.95,
     damping: float = 1e-4,
     relative_damping: float = 1e-2,
-    stats_every: int = 1,
-    inverse_every: int = 20,
+    stats_every: int = 10,
+    inverse_every: int = 100,
     layer_fisher: LayerFisher = "linear",
     solver: str = "cholesky",
-    nystrom: Nystrom | None = None,
+    nystrom: Nystrom | None = Nystrom(),
+    kl_clip: float | None = 0.1,
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    weight_sharing: PerLayer = "reduce",
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with the damped inverse local Fisher of each layer.
 
@@ -366,6 +378,16 @@ def scale_by_sngd(
   """
   _validate(ema_decay, damping, relative_damping, stats_every, inverse_every,
             layer_fisher, solver, nystrom)
+  if _is_number(kl_clip) and kl_clip <= 0:
+    raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip}")
+  _validate_per_layer("weight_sharing", weight_sharing, WEIGHT_SHARING)
+
+  def sharing(path):
+    mode = _resolve(weight_sharing, path, "reduce")
+    if mode not in WEIGHT_SHARING:
+      raise ValueError(f"weight_sharing for {path!r} is {mode!r}; expected "
+                       f"one of {WEIGHT_SHARING}")
+    return mode
 
   def plan(tree):
     return plan_layers(tree, layer_fisher, nystrom)
@@ -376,12 +398,16 @@ def scale_by_sngd(
     stats, preconditioners = {}, {}
     for layer in layers:
       dtype = _state_dtype(leaves[layer.leaves[0][0]].dtype)
-      stats[layer.path] = layer.block.init(dtype)
-      preconditioners[layer.path] = layer.block.refresh(
-          stats[layer.path], damping, relative_damping, solver)
+      identity = layer.block.init(dtype)
+      # The EMA starts at zero (stats_weight corrects its bias). Until a
+      # first refresh succeeds, the preconditioner is the identity.
+      stats[layer.path] = jax.tree.map(jnp.zeros_like, identity)
+      preconditioners[layer.path] = layer.block.refresh(identity, 0.0, 0.0,
+                                                        solver)
     # Distinct arrays (not one shared zero) so that the state can be donated.
-    zeros = [jnp.zeros([], jnp.int32) for _ in range(3)]
-    return ScaleBySNGDState(zeros[0], stats, preconditioners, *zeros[1:])
+    zeros = [jnp.zeros([], jnp.int32) for _ in range(4)]
+    return ScaleBySNGDState(zeros[0], jnp.zeros([]), stats,
+                            preconditioners, *zeros[1:])
 
   def update_fn(updates, state, params=None, *, activations=None, **extra):
     del extra
@@ -424,15 +450,26 @@ def scale_by_sngd(
       for path, layer in active.items():
         with jax.named_scope(f"sngd/{path}"):
           out[path], fault = _statistic_ema(
-              layer, entries[path], state.stats[path], ema_decay)
+              layer, entries[path], state.stats[path], ema_decay,
+              sharing(path) == "reduce")
         faults += fault.astype(jnp.int32)
       return out, faults
 
+    take_stats = count % stats_every == 0
     fresh_stats, stat_faults = jax.lax.cond(
-        count % stats_every == 0, all_statistics,
+        take_stats, all_statistics,
         lambda: ({path: state.stats[path] for path in active},
                  jnp.zeros([], jnp.int32)))
     stats = {**state.stats, **fresh_stats}
+    # The EMA's weight 1 - ema_decay^k. Until it nears 1 the Fisher is shrunk
+    # toward its mean eigenvalue times I (as an EMA started at that multiple
+    # of I would be): a few batches cannot estimate a block wider than they
+    # are, and the shrinkage keeps the trace, so it holds for any input scale.
+    weight = jnp.where(take_stats & (stat_faults == 0),
+                       ema_decay * state.stats_weight + (1 - ema_decay),
+                       state.stats_weight).astype(state.stats_weight.dtype)
+    warm_damping = (relative_damping + 1 - weight) / jnp.maximum(weight, 1e-30)
+    refresh = (count % inverse_every == 0) & (weight > 0)
     # Refreshes keep a cond per layer: one cond around all of them (each with
     # its retry cond inside) deadlocks XLA:CPU's concurrent scheduler
     # (jax 0.10.2).
@@ -440,21 +477,32 @@ def scale_by_sngd(
     for path, layer in active.items():
       with jax.named_scope(f"sngd/{path}"):
         fresh_preconditioners[path], fault = jax.lax.cond(
-            count % inverse_every == 0,
+            refresh,
             lambda layer=layer, path=path: _refreshed(
                 layer, stats[path], state.preconditioners[path], damping,
-                relative_damping, solver),
+                warm_damping.astype(jax.tree.leaves(stats[path])[0].dtype),
+                solver),
             lambda path=path: (state.preconditioners[path], jnp.array(False)))
       inverse_faults += fault.astype(jnp.int32)
     preconditioners = {**state.preconditioners, **fresh_preconditioners}
+    grads = list(leaves)
     for path, layer in active.items():
       with jax.named_scope(f"sngd/{path}/apply"):
         _precondition(layer, preconditioners[path], leaves)
-    stats_faults = state.stats_faults + stat_faults
-    inverse_faults = state.inverse_faults + inverse_faults
+    clipped = jnp.zeros([], jnp.int32)
+    if kl_clip is not None and active:
+      indices = [index for layer in active.values()
+                 for index, _, _ in layer.leaves]
+      rate = learning_rate(count) if callable(learning_rate) else learning_rate
+      scale = _kl_clip_scale([leaves[i] for i in indices],
+                             [grads[i] for i in indices], rate, kl_clip)
+      for i in indices:
+        leaves[i] = (leaves[i] * scale).astype(leaves[i].dtype)
+      clipped = (scale < 1).astype(jnp.int32)
     new_state = ScaleBySNGDState(
-        optax.safe_increment(state.count), stats, preconditioners,
-        stats_faults, inverse_faults)
+        optax.safe_increment(state.count), weight, stats, preconditioners,
+        state.stats_faults + stat_faults,
+        state.inverse_faults + inverse_faults, state.clipped + clipped)
     return jax.tree.unflatten(treedef, leaves), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -465,18 +513,36 @@ def _materialized(x):
   return x.materialize() if hasattr(x, "materialize") else x
 
 
-def _statistic_ema(layer, entry, old, ema_decay):
+def uses_per_example(inputs) -> int:
+  """How many times each example used the layer: its positions, time steps, calls.
+
+  The inputs' first axis is the examples axis; every other axis but the
+  features (token ids have none) is a position. A convolution's lazy inputs
+  count their output positions.
+  """
+  if hasattr(inputs, "positions"):
+    return inputs.positions
+  shape = np.shape(inputs)
+  ids = jnp.issubdtype(jnp.result_type(inputs), jnp.integer)
+  return math.prod(shape[1:] if ids else shape[1:-1])
+
+
+def _statistic_ema(layer, entry, old, ema_decay, reduce):
   """EMA of the layer's statistic; a non-finite batch statistic is skipped.
 
+  With ``reduce`` (one loss per example) the statistic sums over the uses of
+  each example, as its Fisher does; otherwise (``expand``: a loss per
+  position) every use counts as an example and the statistic averages.
   Returns the new statistics and whether this batch's was skipped.
   """
   with jax.named_scope("statistics"):
     dtype = jax.tree.leaves(old)[0].dtype
-    stat = jax.tree.map(
-        lambda s, o: s.astype(o.dtype),
-        layer.block.statistic(_materialized(entry["inputs"]),
-                              entry.get("outputs"), dtype),
-        old)
+    inputs = entry["inputs"]
+    stat = layer.block.statistic(_materialized(inputs), entry.get("outputs"),
+                                 dtype)
+    if reduce:
+      stat = layer.block.scaled(stat, uses_per_example(inputs))
+    stat = jax.tree.map(lambda s, o: s.astype(o.dtype), stat, old)
     ok = _all_finite(stat)
     ema = jax.tree.map(lambda o, s: ema_decay * o + (1 - ema_decay) * s,
                        old, stat)
@@ -505,6 +571,21 @@ def _refreshed(layer, stats, old, damping, relative_damping, solver):
     return jax.tree.map(lambda f, o: jnp.where(retry_ok, f, o), fresh, old), ~ok
 
 
+def _kl_clip_scale(directions, grads, learning_rate, kl_clip):
+  """``min(1, sqrt(kl_clip / (lr^2 sum(v . g))))``: the KL clip's factor.
+
+  ``v . g = g^T P g`` is the step's squared length in the local Fisher's
+  metric, so ``lr^2 v . g / 2`` is the KL divergence the step would cause if
+  the blocks were the exact Fisher (Ba, Grosse & Martens 2017).
+  """
+  with jax.named_scope("sngd/kl_clip"):
+    vg = sum(jnp.vdot(v.astype(jnp.float32), g.astype(jnp.float32))
+             for v, g in zip(directions, grads))
+    kl = jnp.square(jnp.asarray(learning_rate, jnp.float32)) * vg
+    return jnp.where(kl > kl_clip, jnp.sqrt(kl_clip / jnp.where(
+        kl > kl_clip, kl, 1.0)), 1.0)
+
+
 def _precondition(layer: Layer, precond, leaves: list):
   """Replaces the layer's gradient leaves (in place in ``leaves``) by P g."""
   dtype = jax.tree.leaves(precond)[0].dtype
@@ -530,11 +611,13 @@ def sngd(
     ema_decay: float = 0.95,
     damping: float = 1e-4,
     relative_damping: float = 1e-2,
-    stats_every: int = 1,
-    inverse_every: int = 20,
+    stats_every: int = 10,
+    inverse_every: int = 100,
     layer_fisher: LayerFisher = "linear",
     solver: str = "cholesky",
-    nystrom: Nystrom | None = None,
+    nystrom: Nystrom | None = Nystrom(),
+    kl_clip: float | None = 0.1,
+    weight_sharing: PerLayer = "reduce",
 ) -> optax.GradientTransformationExtraArgs:
   """SNGD: the preconditioner alone, or the complete optimizer.
 
@@ -564,10 +647,19 @@ def sngd(
     >>> tx = sngd_jax.sngd(0.1, momentum=0.9)
     >>> state = tx.init({"dense": {"kernel": jnp.ones((3, 2))}})
   """
+  # Heavy-ball momentum takes steps of learning_rate / (1 - momentum) along a
+  # steady direction: that is the step the KL clip must bound.
+  if learning_rate is None:
+    clip_rate = 1.0
+  elif callable(learning_rate):
+    clip_rate = lambda count: learning_rate(count) / (1 - momentum)
+  else:
+    clip_rate = learning_rate / (1 - momentum)
   parts = [scale_by_sngd(
       ema_decay=ema_decay, damping=damping, relative_damping=relative_damping,
       stats_every=stats_every, inverse_every=inverse_every,
-      layer_fisher=layer_fisher, solver=solver, nystrom=nystrom)]
+      layer_fisher=layer_fisher, solver=solver, nystrom=nystrom,
+      kl_clip=kl_clip, learning_rate=clip_rate, weight_sharing=weight_sharing)]
   if not (_is_number(weight_decay) and weight_decay == 0):
     parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
   if not (_is_number(momentum) and momentum == 0):

@@ -10,6 +10,10 @@ import sngd_jax
 from helpers import cross_entropy, mlp_forward, mlp_params
 
 DAMPING, RELATIVE = 1e-3, 1e-2
+# The bare formula: one batch's statistic (no EMA), inverted at once, exact
+# blocks, no KL clip: what the references below compute.
+FORMULA = dict(ema_decay=0.0, damping=DAMPING, relative_damping=RELATIVE,
+               stats_every=1, inverse_every=1, nystrom=None, kl_clip=None)
 
 # Independent numpy versions of nu_f from the method note.
 NU = {
@@ -55,9 +59,7 @@ def reference_update(kind, x, h, g):
 
 
 def one_step(kind, solver, params, acts, grads):
-  tx = sngd_jax.scale_by_sngd(ema_decay=0.0, damping=DAMPING,
-                              relative_damping=RELATIVE, layer_fisher=kind,
-                              solver=solver)
+  tx = sngd_jax.scale_by_sngd(**FORMULA, layer_fisher=kind, solver=solver)
   state = tx.init(params)
   updates, state = jax.jit(
       lambda g, s, p, a: tx.update(g, s, p, activations=a))(
@@ -97,8 +99,7 @@ def test_per_layer_mapping_like_the_official_code():
   _, acts = mlp_forward(params, x)
   grads = jax.tree.map(lambda p: jnp.cos(p), params)
   kinds = {"layer0": "linear", "layer1": "relu", "layer2": "linear"}
-  tx = sngd_jax.scale_by_sngd(ema_decay=0.0, damping=DAMPING,
-                              relative_damping=RELATIVE, layer_fisher=kinds)
+  tx = sngd_jax.scale_by_sngd(**FORMULA, layer_fisher=kinds)
   updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
   for name, kind in kinds.items():
     expected = reference_update(kind, acts[name]["inputs"],
@@ -134,8 +135,7 @@ def test_linear_kind_is_exact_ngd_for_least_squares():
   # Params flatten as (bias, kernel) rows; the identity output covariance.
   fisher_matrix, _ = _exact_fisher(model, w, x, lambda out: jnp.eye(3))
   expected = _exact_ngd(fisher_matrix, grads)
-  tx = sngd_jax.scale_by_sngd(ema_decay=0.0, damping=DAMPING,
-                              relative_damping=RELATIVE)
+  tx = sngd_jax.scale_by_sngd(**FORMULA)
   updates, _ = tx.update({"dense": grads}, tx.init({"dense": w}), {"dense": w},
                          activations={"dense": {"inputs": x}})
   # The damping's trace term differs by the factor dim: trace(G (x) I)/dim is
@@ -158,8 +158,7 @@ def test_softmax_kind_is_exact_ngd_for_one_example():
                                             jax.nn.softmax(logits)))
   fisher_matrix, _ = _exact_fisher(model, w, x, softmax_cov)
   expected = _exact_ngd(fisher_matrix, grads)
-  tx = sngd_jax.scale_by_sngd(ema_decay=0.0, damping=DAMPING,
-                              relative_damping=RELATIVE, layer_fisher="softmax")
+  tx = sngd_jax.scale_by_sngd(**FORMULA, layer_fisher="softmax")
   acts = {"out": {"inputs": x, "outputs": model(w, x)}}
   updates, _ = tx.update({"out": grads}, tx.init({"out": w}), {"out": w},
                          activations=acts)
@@ -168,24 +167,38 @@ def test_softmax_kind_is_exact_ngd_for_one_example():
                                rtol=1e-8, atol=1e-9)
 
 
-def test_ema_starts_at_identity_and_averages():
+def test_ema_is_bias_corrected_and_shrunk_toward_its_mean_eigenvalue():
+  """After k batches, G = w S + (1 - w) (tr S / n) I with w = 1 - decay^k.
+
+  S is the bias-corrected average of the batch statistics: the EMA starts at
+  zero, and the missing weight goes to the scaled identity, whatever the
+  inputs' scale.
+  """
   params = mlp_params(jax.random.PRNGKey(0), [3, 2])
-  tx = sngd_jax.scale_by_sngd(ema_decay=0.75, inverse_every=1)
+  tx = sngd_jax.scale_by_sngd(**{**FORMULA, "ema_decay": 0.75})
   state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
-  batches = [jax.random.normal(jax.random.PRNGKey(i), (5, 3)) for i in range(3)]
-  expected = np.eye(4)
-  for x in batches:
+  batches = [10 * jax.random.normal(jax.random.PRNGKey(i), (5, 3))
+             for i in range(3)]
+  raw = np.zeros((4, 4))
+  for k, x in enumerate(batches, start=1):
     _, acts = mlp_forward(params, x)
     _, state = tx.update(grads, state, params, activations=acts)
     xt = with_ones(np.asarray(x))
-    expected = 0.75 * expected + 0.25 * xt.T @ xt / 5
-  np.testing.assert_allclose(state.stats["layer0"], expected, rtol=1e-12)
+    raw = 0.75 * raw + 0.25 * xt.T @ xt / 5
+    weight = 1 - 0.75 ** k
+    average = raw / weight
+    shrunk = weight * average + (1 - weight) * np.trace(average) / 4 * np.eye(4)
+    np.testing.assert_allclose(state.stats["layer0"], raw, rtol=1e-12)
+    np.testing.assert_allclose(float(state.stats_weight), weight, rtol=1e-6)
+    np.testing.assert_allclose(state.preconditioners["layer0"],
+                               np.linalg.inv(damp(shrunk)), rtol=1e-5)
 
 
 def test_stats_every_and_inverse_every_skip_work_between_refreshes():
   params = mlp_params(jax.random.PRNGKey(0), [3, 2])
-  tx = sngd_jax.scale_by_sngd(stats_every=2, inverse_every=3)
+  tx = sngd_jax.scale_by_sngd(**{**FORMULA, "stats_every": 2,
+                                 "inverse_every": 3})
   state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
   history = []
@@ -211,8 +224,7 @@ def test_reconstruction_theorem_gd_on_reparametrized_network_is_ngd():
   lr, steps = 0.3, 10
 
   # Ours: refresh only at step 0 so G stays the first step's statistic.
-  tx = sngd_jax.sngd(lr, ema_decay=0.0, damping=DAMPING,
-                     relative_damping=RELATIVE, inverse_every=1000)
+  tx = sngd_jax.sngd(lr, **{**FORMULA, "inverse_every": 1000})
   state = tx.init(params)
   w = params
   for _ in range(steps):
@@ -254,9 +266,8 @@ def test_nystrom_block_against_its_explicit_construction():
                       "bias": jnp.zeros(4)}}
   grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
   acts = {"dense": {"inputs": jnp.asarray(x)}}
-  tx = sngd_jax.scale_by_sngd(ema_decay=0.0, damping=DAMPING,
-                              relative_damping=RELATIVE,
-                              nystrom=sngd_jax.Nystrom(rank=6, min_dim=8))
+  tx = sngd_jax.scale_by_sngd(**{**FORMULA,
+                                 "nystrom": sngd_jax.Nystrom(rank=6, min_dim=8)})
   updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
 
   xt = with_ones(x)

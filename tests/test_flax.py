@@ -9,9 +9,10 @@ from flax import linen as nn
 from flax import nnx
 
 import sngd_jax
-from test_exact_ngd import DAMPING, RELATIVE, damp, with_ones
+from test_exact_ngd import FORMULA, damp, with_ones
 
-EXACT = dict(ema_decay=0.0, damping=DAMPING, relative_damping=RELATIVE)
+# Every use a row of one mean: these tests check the rows that capture gives.
+EXACT = dict(FORMULA, weight_sharing="expand")
 
 
 def one_update(params, grads, acts, **options):
@@ -161,7 +162,7 @@ def test_nnx_layers_get_their_local_fisher():
 
   # Embedding: each row scaled by 1 / (frequency + damping).
   freq = np.bincount(np.asarray(tokens), minlength=6) / len(tokens)
-  shift = DAMPING + RELATIVE * freq.sum() / 6
+  shift = FORMULA["damping"] + FORMULA["relative_damping"] * freq.sum() / 6
   np.testing.assert_allclose(updates["embed"]["embedding"],
                              grads["embed"]["embedding"] / (freq + shift)[:, None],
                              rtol=1e-10)
@@ -232,11 +233,12 @@ def test_module_used_twice_averages_over_both_uses_and_paths_nest():
   assert len(calls) == 3  # one forward pass: three Linear calls, not six
   assert sorted(acts) == ["blocks", "norm"]
   assert sorted(acts["blocks"]) == [0, 1]
-  assert acts["blocks"][0]["inputs"].shape == (10, 3)  # both uses' rows
+  # Both uses of each example, along its positions axis: (batch, uses, d).
+  assert acts["blocks"][0]["inputs"].shape == (5, 2, 3)
   first_in = x
   second_in = jnp.tanh(model.blocks[0](x))
   np.testing.assert_allclose(acts["blocks"][0]["inputs"],
-                             jnp.concatenate([first_in, second_in]), atol=1e-12)
+                             jnp.stack([first_in, second_in], axis=1), atol=1e-12)
   params = nnx.as_pure(nnx.state(model, nnx.Param))
   grads = nnx.as_pure(nnx.state(grads, nnx.Param))
   updates = one_update(params, grads, acts)
@@ -336,12 +338,11 @@ class Unrolled(nnx.Module):
 
 
 def assert_same_rows_per_step(scanned, unrolled, steps):
-  """Scanned records are (steps, batch, d); unrolled ones step after step."""
+  """Scanned and unrolled records alike are (batch, steps, d)."""
   assert jax.tree.structure(scanned) == jax.tree.structure(unrolled)
   for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(unrolled)):
-    assert a.shape[0] == steps
-    np.testing.assert_allclose(np.reshape(a, (-1, a.shape[-1])), b,
-                               rtol=1e-12, atol=1e-12)
+    assert a.shape[1] == steps and a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("cell_class", [nnx.LSTMCell, nnx.GRUCell,
@@ -434,9 +435,9 @@ def test_nnx_rnn_lstm_trains_under_nnx_jit():
 
   _, acts = loss_fn(model)
   # Every input gate sees x_t at all 5 steps; every recurrent gate sees h_{t-1}.
-  assert acts["rnn"]["cell"]["ii"]["inputs"].shape == (5, 16, 2)
-  assert acts["rnn"]["cell"]["hi"]["inputs"].shape == (5, 16, 8)
-  np.testing.assert_allclose(acts["rnn"]["cell"]["ii"]["inputs"][1], x[:, 1])
+  assert acts["rnn"]["cell"]["ii"]["inputs"].shape == (16, 5, 2)
+  assert acts["rnn"]["cell"]["hi"]["inputs"].shape == (16, 5, 8)
+  np.testing.assert_allclose(acts["rnn"]["cell"]["ii"]["inputs"], x)
 
   optimizer = nnx.Optimizer(model, sngd_jax.sngd(0.1, momentum=0.9,
                                                  inverse_every=5), wrt=nnx.Param)

@@ -97,7 +97,8 @@ def test_multisteps_accumulates_then_applies():
   first, state = tx.update(grads, state, params, activations=acts)
   assert all(np.all(u == 0) for u in jax.tree.leaves(first))
   second, state = tx.update(grads, state, params, activations=acts)
-  expected = jax.tree.map(lambda d: -0.1 * d, direction(params, acts, grads))
+  expected = jax.tree.map(lambda d: -0.1 * d, direction(
+      params, acts, grads, learning_rate=0.1))
   assert_tree_close(second, expected, rtol=1e-6)
 
 

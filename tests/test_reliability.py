@@ -14,7 +14,7 @@ from helpers import blobs, loss_and_acts, mlp_forward, mlp_params
 def fresh(dtype=jnp.float32, **options):
   params = mlp_params(jax.random.PRNGKey(0), [6, 5, 3], dtype)
   x, labels = blobs(jax.random.PRNGKey(1), n=16, d=6, classes=3, dtype=dtype)
-  tx = sngd_jax.scale_by_sngd(inverse_every=1, **options)
+  tx = sngd_jax.scale_by_sngd(**{"stats_every": 1, "inverse_every": 1, **options})
   state = tx.init(params)
   (_, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(
       params, x, labels)
@@ -65,7 +65,7 @@ def test_failed_inverse_keeps_the_last_good_one_and_is_counted():
   grads = {"dense": {"kernel": jnp.ones((4, 2), jnp.float32)}}
   # Arrays bypass the option checks (as inject_hyperparams' do).
   tx = sngd_jax.scale_by_sngd(ema_decay=0.0, damping=jnp.asarray(0.0),
-                              relative_damping=jnp.asarray(0.0))
+                              relative_damping=jnp.asarray(0.0), kl_clip=None)
   state = tx.init(params)
   updates, new = tx.update(grads, state, params,
                            activations={"dense": {"inputs": jnp.zeros((8, 4))}})

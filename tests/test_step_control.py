@@ -1,0 +1,171 @@
+"""Step-size control: the KL clip, the EMA's warm-up, and solvers that refuse bad inverses."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+import sngd_jax
+from helpers import blobs, loss_and_acts, mlp_params
+from sngd_jax import linalg
+
+LEARNING_RATES = (0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+class TinyCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (5,), strides=2)(x[..., None]))
+    x = nn.relu(nn.Conv(8, (5,), strides=2)(x))
+    return nn.Dense(4)(x.reshape(x.shape[0], -1))
+
+
+def train_minibatches(tx, model, x, labels, steps=150, batch=50):
+  """Minibatch training; returns the final params (finite or not)."""
+  params = model.init(jax.random.PRNGKey(0), x[:2])["params"]
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, xb, yb):
+    def loss_fn(params):
+      logits, acts = sngd_jax.linen_capture(model, {"params": params}, xb)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), acts
+    (_, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    return optax.apply_updates(params, updates), state
+
+  order = np.random.default_rng(0).integers(0, len(x), (steps, batch))
+  for idx in order:
+    params, state = step(params, state, x[idx], labels[idx])
+  return params
+
+
+def finite(tree):
+  return all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(tree))
+
+
+def generated(d):
+  x, labels = blobs(jax.random.PRNGKey(1), n=1000, d=d, dtype=jnp.float32)
+  return np.asarray(x), np.asarray(labels)
+
+
+@pytest.mark.parametrize("model,d", [
+    (lambda: sngd_jax_mlp(), 20), (lambda: TinyCNN(), 24)], ids=["mlp", "cnn"])
+def test_defaults_never_produce_nan_at_any_learning_rate(model, d):
+  x, labels = generated(d)
+  for lr in LEARNING_RATES:
+    for momentum in (0.0, 0.9):
+      params = train_minibatches(sngd_jax.sngd(lr, momentum=momentum), model(),
+                                 x, labels)
+      assert finite(params), (lr, momentum)
+
+
+def sngd_jax_mlp():
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Dense(32)(x))
+      return nn.Dense(4)(nn.relu(nn.Dense(32)(x)))
+  return MLP()
+
+
+def test_kl_clip_bounds_lr_squared_v_dot_g_and_counts_the_clipped_steps():
+  params = mlp_params(jax.random.PRNGKey(0), [10, 8, 4])
+  x, labels = blobs(jax.random.PRNGKey(1), n=32)
+  (_, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(
+      params, x, labels)
+
+  def direction(**options):
+    tx = sngd_jax.scale_by_sngd(stats_every=1, inverse_every=1, **options)
+    updates, state = tx.update(grads, tx.init(params), params, activations=acts)
+    vg = sum(float(jnp.vdot(v, g)) for v, g in
+             zip(jax.tree.leaves(updates), jax.tree.leaves(grads)))
+    return updates, vg, int(state.clipped)
+
+  free, vg, clipped = direction(kl_clip=None)
+  assert clipped == 0
+  lr = 1.0
+  kappa = 0.25 * lr ** 2 * vg  # binds: the step must shrink by half
+  clipped_updates, _, clipped = direction(kl_clip=kappa, learning_rate=lr)
+  assert clipped == 1
+  # Scaled by sqrt(kappa / (lr^2 v.g)) = 1/2: lr^2 (v/2)^T G (v/2) = kappa.
+  jax.tree.map(lambda c, f: np.testing.assert_allclose(c, 0.5 * f, rtol=1e-9),
+               clipped_updates, free)
+  # A bound it does not reach leaves the direction alone.
+  same, _, clipped = direction(kl_clip=1.01 * vg, learning_rate=lr)
+  assert clipped == 0
+  jax.tree.map(lambda c, f: np.testing.assert_allclose(c, f, rtol=1e-12),
+               same, free)
+
+
+def test_the_optimizer_clips_the_momentum_step_learning_rate_over_one_minus_beta():
+  params = mlp_params(jax.random.PRNGKey(0), [10, 8, 4])
+  x, labels = blobs(jax.random.PRNGKey(1), n=32)
+  (_, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(
+      params, x, labels)
+  options = dict(stats_every=1, inverse_every=1, kl_clip=1e-4)
+  tx = sngd_jax.sngd(0.1, momentum=0.9, **options)
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  reference = sngd_jax.scale_by_sngd(learning_rate=1.0, **options)
+  direction, _ = reference.update(grads, reference.init(params), params,
+                                  activations=acts)
+  jax.tree.map(lambda u, d: np.testing.assert_allclose(u, -0.1 * d, rtol=1e-6),
+               updates, direction)
+
+
+def test_input_scale_does_not_change_the_step():
+  """The warm-up shrinks toward the statistic's own mean eigenvalue, not toward I."""
+  params = mlp_params(jax.random.PRNGKey(0), [10, 8, 4])
+  x, labels = blobs(jax.random.PRNGKey(1), n=32)
+
+  def first_layer_step(scale):
+    acts = {"layer0": {"inputs": scale * x}}
+    grads = {"layer0": jax.tree.map(jnp.ones_like, params["layer0"])}
+    p = {"layer0": params["layer0"]}
+    tx = sngd_jax.scale_by_sngd(damping=0.0, kl_clip=None, nystrom=None)
+    updates, _ = tx.update(grads, tx.init(p), p, activations=acts)
+    return updates["layer0"]["kernel"]
+
+  # Inputs 10x larger: G 100x larger in the kernel rows, the step on the
+  # kernel 100x smaller on the directions the inputs span (not on the bias).
+  small, large = first_layer_step(1.0), first_layer_step(10.0)
+  ratio = np.linalg.norm(small) / np.linalg.norm(large)
+  assert 10 < ratio < 1000, ratio
+
+
+def indefinite():
+  return jnp.diag(jnp.array([2.0, 1.0, -0.5]))
+
+
+@pytest.mark.parametrize("solver", ["eigh", "denman_beavers"])
+def test_solvers_reject_an_indefinite_block(solver):
+  assert not np.all(np.isfinite(linalg.inverse(indefinite(), solver)))
+  spd = jnp.array([[2.0, 0.3, 0.0], [0.3, 1.0, 0.1], [0.0, 0.1, 0.5]])
+  np.testing.assert_allclose(linalg.inverse(spd, solver), np.linalg.inv(spd),
+                             rtol=1e-6)
+
+
+def test_denman_beavers_rejects_an_unconverged_root():
+  """Condition number 1e30: 24 iterations cannot converge; the residual says so."""
+  a = jnp.diag(jnp.array([1e15, 1.0, 1e-15]))
+  assert not np.all(np.isfinite(linalg.denman_beavers_inverse(a)))
+
+
+@pytest.mark.parametrize("solver", ["eigh", "denman_beavers"])
+def test_a_rejected_inverse_is_counted_and_the_last_good_one_kept(solver):
+  params = {"dense": {"kernel": jnp.ones((3, 2))}}
+  grads = {"dense": {"kernel": jnp.ones((3, 2))}}
+  # A negative damping (an array bypasses the option checks, as
+  # inject_hyperparams' do) makes the damped block indefinite.
+  tx = sngd_jax.scale_by_sngd(ema_decay=0.0, damping=jnp.asarray(-10.0),
+                              relative_damping=jnp.asarray(0.0), solver=solver,
+                              kl_clip=None)
+  state = tx.init(params)
+  acts = {"dense": {"inputs": jax.random.normal(jax.random.PRNGKey(0), (8, 3))}}
+  updates, new = tx.update(grads, state, params, activations=acts)
+  assert int(new.inverse_faults) == 1
+  np.testing.assert_array_equal(new.preconditioners["dense"],
+                                state.preconditioners["dense"])
+  assert finite(updates)

@@ -1,0 +1,145 @@
+"""Weight-shared layers against the exact Fisher built from autodiff Jacobians.
+
+Under a Gaussian likelihood (identity output covariance) the Fisher of a layer
+is ``E[J^T J]``, exactly Kronecker ``G (x) I``: SNGD's ``linear`` block is then
+exact NGD, and the scale of ``G`` is what weight sharing decides.
+- reduce (one loss per example, summed over its positions): the per-example
+  Jacobian sums over positions, ``G = E_n[sum_t x~_t x~_t^T]``;
+- expand (a loss per position, averaged): every position is an example,
+  ``G = E_{n,t}[x~ x~^T]``.
+"""
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import sngd_jax
+from test_exact_ngd import FORMULA, damp
+
+
+def exact_ngd(model, params, examples, grads):
+  """``damp(F)^{-1} g`` with ``F = mean_n J_n^T J_n``, ``J_n`` of all of example n's outputs."""
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  jac = jax.vmap(lambda x: jax.jacobian(
+      lambda f: jnp.ravel(model(unravel(f), x[None])))(flat))(examples)
+  fisher = np.asarray(jnp.einsum("nop,noq->pq", jac, jac)) / len(examples)
+  g = np.asarray(jax.flatten_util.ravel_pytree(grads)[0])
+  return unravel(jnp.asarray(np.linalg.solve(damp(fisher), g)))
+
+
+def sngd_update(params, grads, acts, sharing):
+  tx = sngd_jax.scale_by_sngd(**FORMULA, weight_sharing=sharing)
+  return tx.update(grads, tx.init(params), params, activations=acts)[0]
+
+
+def assert_tree_close(a, b):
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-8,
+                                                       atol=1e-12), a, b)
+
+
+def test_conv_with_a_per_example_loss_is_exact_ngd_with_reduce():
+  conv = nnx.Conv(2, 3, (3, 3), strides=2, padding="SAME", rngs=nnx.Rngs(0),
+                  param_dtype=jnp.float64)
+  graphdef, params = nnx.split(conv, nnx.Param)
+  x = jax.random.normal(jax.random.PRNGKey(1), (6, 6, 6, 2), jnp.float64)
+  y = jax.random.normal(jax.random.PRNGKey(2), (6, 3, 3, 3), jnp.float64)
+
+  def model(p, x):
+    return nnx.merge(graphdef, p)(x)
+
+  def loss(p):  # one loss per example: summed over its 9 positions
+    return 0.5 * jnp.mean(jnp.sum((model(p, x) - y) ** 2, axis=(1, 2, 3)))
+
+  grads = jax.grad(loss)(params)
+  _, acts = sngd_jax.nnx_capture(nnx.merge(graphdef, params), x)
+  expected = exact_ngd(model, params, x, grads)
+  assert_tree_close(sngd_update(params, grads, acts, "reduce"), expected)
+  # Averaging over positions instead takes a step 9 times too long.
+  wrong = sngd_update(params, grads, acts, "expand")
+  np.testing.assert_allclose(
+      np.linalg.norm(jax.flatten_util.ravel_pytree(wrong)[0])
+      / np.linalg.norm(jax.flatten_util.ravel_pytree(expected)[0]), 9, rtol=0.3)
+
+
+def test_dense_shared_over_positions_with_a_per_position_loss_is_exact_with_expand():
+  dense = nnx.Linear(4, 3, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+  graphdef, params = nnx.split(dense, nnx.Param)
+  x = jax.random.normal(jax.random.PRNGKey(1), (5, 7, 4), jnp.float64)
+  y = jax.random.normal(jax.random.PRNGKey(2), (5, 7, 3), jnp.float64)
+
+  def model(p, x):
+    return nnx.merge(graphdef, p)(x)
+
+  def loss(p):  # a loss per position, averaged over all 35 of them
+    return 0.5 * jnp.mean(jnp.sum((model(p, x) - y) ** 2, axis=-1))
+
+  grads = jax.grad(loss)(params)
+  _, acts = sngd_jax.nnx_capture(nnx.merge(graphdef, params), x)
+  assert acts["inputs"].shape == (5, 7, 4)
+  positions = x.reshape(35, 1, 4)  # every position is an example
+  expected = exact_ngd(model, params, positions, grads)
+  assert_tree_close(sngd_update(params, grads, acts, "expand"), expected)
+
+
+class TeacherForcedCell(nnx.Module):
+  """A recurrent cell ``h_t = W [x_t; s_t] + b`` unrolled by ``lax.scan``.
+
+  The previous states ``s_t`` are given (teacher forcing), so the cell's
+  Jacobian is that of a dense layer at each step and the exact Fisher is
+  Kronecker.
+  """
+
+  def __init__(self, rngs):
+    self.cell = nnx.Linear(3 + 2, 2, rngs=rngs, param_dtype=jnp.float64)
+
+  def __call__(self, x, states):
+    def step(carry, inputs):
+      return carry, self.cell(jnp.concatenate(inputs, axis=-1))
+    _, h = jax.lax.scan(step, None, (x.swapaxes(0, 1), states.swapaxes(0, 1)))
+    return h.swapaxes(0, 1)
+
+
+def test_recurrent_cell_unrolled_over_time_is_exact_ngd_with_reduce():
+  graphdef, params = nnx.split(TeacherForcedCell(nnx.Rngs(0)), nnx.Param)
+  x = jax.random.normal(jax.random.PRNGKey(1), (6, 5, 3), jnp.float64)
+  states = jax.random.normal(jax.random.PRNGKey(2), (6, 5, 2), jnp.float64)
+  y = jax.random.normal(jax.random.PRNGKey(3), (6, 5, 2), jnp.float64)
+  data = jnp.concatenate([x, states], axis=-1)
+
+  def model(p, data):
+    return nnx.merge(graphdef, p)(data[..., :3], data[..., 3:])
+
+  def loss(p):  # one loss per sequence: summed over its 5 steps
+    return 0.5 * jnp.mean(jnp.sum((model(p, data) - y) ** 2, axis=(1, 2)))
+
+  grads = jax.grad(loss)(params)
+  _, acts = sngd_jax.nnx_capture(nnx.merge(graphdef, params), x, states)
+  assert acts["cell"]["inputs"].shape == (6, 5, 5)  # examples, steps, features
+  expected = exact_ngd(model, params, data, grads)
+  assert_tree_close(sngd_update(params, grads, acts, "reduce"), expected)
+
+
+@pytest.mark.parametrize("sharing,scale", [("reduce", 2.0), ("expand", 1.0)])
+def test_a_module_called_twice_counts_both_uses_of_each_example(sharing, scale):
+  params = {"dense": {"kernel": jnp.ones((3, 2), jnp.float64)}}
+  first = jax.random.normal(jax.random.PRNGKey(0), (4, 3), jnp.float64)
+  second = jax.random.normal(jax.random.PRNGKey(1), (4, 3), jnp.float64)
+  acts = {"dense": {"inputs": jnp.stack([first, second], axis=1)}}
+  tx = sngd_jax.scale_by_sngd(**FORMULA, weight_sharing={"dense": sharing})
+  state = tx.update(params, tx.init(params), params, activations=acts)[1]
+  rows = np.concatenate([first, second])
+  np.testing.assert_allclose(state.stats["dense"],
+                             scale * rows.T @ rows / len(rows), rtol=1e-12)
+
+
+def test_weight_sharing_rejects_unknown_modes_naming_the_layer():
+  params = {"dense": {"kernel": jnp.ones((3, 2))}}
+  with pytest.raises(ValueError, match="weight_sharing"):
+    sngd_jax.scale_by_sngd(weight_sharing="sum")
+  tx = sngd_jax.scale_by_sngd(weight_sharing=lambda path: "mean")
+  with pytest.raises(ValueError, match="'dense'"):
+    tx.update(params, tx.init(params), params,
+              activations={"dense": {"inputs": jnp.ones((2, 3))}})
