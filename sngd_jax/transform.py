@@ -17,8 +17,9 @@ import optax
 
 from sngd_jax import fisher, linalg
 
+# A per-layer option: one value, a mapping from glob patterns of layer paths to
+# values, or a callable from the path to a value.
 PerLayer = Union[str, Mapping[str, str], Callable[[str], str]]
-LayerFisher = PerLayer
 WEIGHT_SHARING = ("reduce", "expand")
 
 
@@ -311,7 +312,7 @@ def scale_by_sngd(
     relative_damping: float = 1e-2,
     stats_every: int = 10,
     inverse_every: int = 100,
-    layer_fisher: LayerFisher = "linear",
+    layer_fisher: PerLayer = "linear",
     solver: str = "cholesky",
     nystrom: Nystrom | None = Nystrom(),
     kl_clip: float | None = 0.1,
@@ -337,8 +338,12 @@ def scale_by_sngd(
   trace time names them).
 
   Args:
-    ema_decay: ``G <- ema_decay * G + (1 - ema_decay) * batch statistic``;
-      ``G`` starts at the identity.
+    ema_decay: ``S <- ema_decay * S + (1 - ema_decay) * batch statistic`` at
+      each statistics update. ``S`` starts at zero; after ``k`` updates of
+      weight ``w = 1 - ema_decay^k``, the block refreshed is
+      ``S + (1 - w) (trace(S/w)/dim) I`` (with ``S/w`` the bias-corrected
+      mean): shrunk toward its mean eigenvalue while few batches are in it,
+      whatever the inputs' scale.
     damping: absolute damping added to every block's diagonal.
     relative_damping: damping relative to the block's mean eigenvalue: the
       block applied is ``G + (damping + relative_damping * trace(G)/dim) I``.
@@ -356,8 +361,23 @@ def scale_by_sngd(
     solver: ``"cholesky"``, ``"eigh"`` or ``"denman_beavers"`` (the paper's
       reconstruction: ``G^{-1/2}`` by Denman-Beavers iteration, applied twice).
     nystrom: a :class:`Nystrom` (rank, min_dim): ``linear`` blocks with more
-      than ``min_dim`` rows use a rank-``rank`` Nystrom approximation. ``None``
-      (default): every block is exact.
+      than ``min_dim`` rows use a rank-``rank`` Nystrom approximation
+      (default ``Nystrom()``: rank 32 past 512 rows). ``None``: every block
+      is exact.
+    kl_clip: the direction ``v`` is scaled so that
+      ``learning_rate^2 * sum(v . g) <= kl_clip`` (KL clipping, Ba, Grosse &
+      Martens 2017: ``v . g`` is the step's squared length in the local
+      Fisher's metric). ``None``: no clip.
+    learning_rate: the learning rate the direction will be scaled by (a float
+      or a schedule of the step count), used by ``kl_clip`` only.
+      :func:`sngd` passes its ``learning_rate / (1 - momentum)``.
+    weight_sharing: for a layer used several times per example (conv
+      positions, scan steps, tokens, repeated calls; the activations' first
+      axis is the examples axis): ``"reduce"`` (one loss per example) sums
+      the statistic over each example's uses, as the per-example Fisher does;
+      ``"expand"`` (a loss per position, averaged) averages over all uses. A
+      single mode, a mapping from glob patterns to modes (unmatched layers
+      get ``"reduce"``), or a callable of the path.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -613,7 +633,7 @@ def sngd(
     relative_damping: float = 1e-2,
     stats_every: int = 10,
     inverse_every: int = 100,
-    layer_fisher: LayerFisher = "linear",
+    layer_fisher: PerLayer = "linear",
     solver: str = "cholesky",
     nystrom: Nystrom | None = Nystrom(),
     kl_clip: float | None = 0.1,
@@ -635,8 +655,9 @@ def sngd(
     weight_decay: decoupled weight decay; 0 for none.
     weight_decay_mask: ``optax.add_decayed_weights``' mask.
     ema_decay, damping, relative_damping, stats_every, inverse_every,
-    layer_fisher, solver, nystrom: see
-      :func:`scale_by_sngd`.
+    layer_fisher, solver, nystrom, kl_clip, weight_sharing: see
+      :func:`scale_by_sngd`. ``kl_clip`` bounds the step heavy-ball momentum
+      takes along a steady direction, ``learning_rate / (1 - momentum)``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs

@@ -14,6 +14,13 @@ from sngd_jax import linalg
 LEARNING_RATES = (0.01, 0.03, 0.1, 0.3, 1.0)
 
 
+class TinyMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(32)(x))
+    return nn.Dense(4)(nn.relu(nn.Dense(32)(x)))
+
+
 class TinyCNN(nn.Module):
   @nn.compact
   def __call__(self, x):
@@ -51,8 +58,8 @@ def generated(d):
   return np.asarray(x), np.asarray(labels)
 
 
-@pytest.mark.parametrize("model,d", [
-    (lambda: sngd_jax_mlp(), 20), (lambda: TinyCNN(), 24)], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("model,d", [(TinyMLP, 20), (TinyCNN, 24)],
+                         ids=["mlp", "cnn"])
 def test_defaults_never_produce_nan_at_any_learning_rate(model, d):
   x, labels = generated(d)
   for lr in LEARNING_RATES:
@@ -60,15 +67,6 @@ def test_defaults_never_produce_nan_at_any_learning_rate(model, d):
       params = train_minibatches(sngd_jax.sngd(lr, momentum=momentum), model(),
                                  x, labels)
       assert finite(params), (lr, momentum)
-
-
-def sngd_jax_mlp():
-  class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      x = nn.relu(nn.Dense(32)(x))
-      return nn.Dense(4)(nn.relu(nn.Dense(32)(x)))
-  return MLP()
 
 
 def test_kl_clip_bounds_lr_squared_v_dot_g_and_counts_the_clipped_steps():
