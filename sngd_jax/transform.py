@@ -505,20 +505,19 @@ def scale_by_sngd(
             lambda path=path: (state.preconditioners[path], jnp.array(False)))
       inverse_faults += fault.astype(jnp.int32)
     preconditioners = {**state.preconditioners, **fresh_preconditioners}
-    grads = list(leaves)
+    directions, vg = {}, jnp.zeros([], jnp.float32)
     for path, layer in active.items():
       with jax.named_scope(f"sngd/{path}/apply"):
-        _precondition(layer, preconditioners[path], leaves)
-    clipped = jnp.zeros([], jnp.int32)
-    if kl_clip is not None and active:
-      indices = [index for layer in active.values()
-                 for index, _, _ in layer.leaves]
+        g = _gradient_matrix(layer, preconditioners[path], leaves)
+        directions[path] = layer.block.apply(preconditioners[path], g)
+        vg += jnp.vdot(directions[path], g).astype(jnp.float32)
+    scale, clipped = 1.0, jnp.zeros([], jnp.int32)
+    if kl_clip is not None:
       rate = learning_rate(count) if callable(learning_rate) else learning_rate
-      scale = _kl_clip_scale([leaves[i] for i in indices],
-                             [grads[i] for i in indices], rate, kl_clip)
-      for i in indices:
-        leaves[i] = (leaves[i] * scale).astype(leaves[i].dtype)
+      scale = _kl_clip_scale(vg, rate, kl_clip)
       clipped = (scale < 1).astype(jnp.int32)
+    for path, layer in active.items():
+      _write_back(layer, directions[path] * scale, leaves)
     new_state = ScaleBySNGDState(
         optax.safe_increment(state.count), weight, stats, preconditioners,
         state.stats_faults + stat_faults,
@@ -591,28 +590,29 @@ def _refreshed(layer, stats, old, damping, relative_damping, solver):
     return jax.tree.map(lambda f, o: jnp.where(retry_ok, f, o), fresh, old), ~ok
 
 
-def _kl_clip_scale(directions, grads, learning_rate, kl_clip):
-  """``min(1, sqrt(kl_clip / (lr^2 sum(v . g))))``: the KL clip's factor.
+def _kl_clip_scale(vg, learning_rate, kl_clip):
+  """``min(1, sqrt(kl_clip / (lr^2 v . g)))``: the KL clip's factor.
 
-  ``v . g = g^T P g`` is the step's squared length in the local Fisher's
-  metric, so ``lr^2 v . g / 2`` is the KL divergence the step would cause if
-  the blocks were the exact Fisher (Ba, Grosse & Martens 2017).
+  ``v . g = g^T P g`` (summed over the layers) is the step's squared length in
+  the local Fisher's metric, so ``lr^2 v . g / 2`` is the KL divergence the
+  step would cause if the blocks were the exact Fisher (Ba, Grosse & Martens
+  2017).
   """
-  with jax.named_scope("sngd/kl_clip"):
-    vg = sum(jnp.vdot(v.astype(jnp.float32), g.astype(jnp.float32))
-             for v, g in zip(directions, grads))
-    kl = jnp.square(jnp.asarray(learning_rate, jnp.float32)) * vg
-    return jnp.where(kl > kl_clip, jnp.sqrt(kl_clip / jnp.where(
-        kl > kl_clip, kl, 1.0)), 1.0)
+  kl = jnp.square(jnp.asarray(learning_rate, jnp.float32)) * vg
+  return jnp.where(kl > kl_clip,
+                   jnp.sqrt(kl_clip / jnp.where(kl > kl_clip, kl, 1.0)), 1.0)
 
 
-def _precondition(layer: Layer, precond, leaves: list):
-  """Replaces the layer's gradient leaves (in place in ``leaves``) by P g."""
+def _gradient_matrix(layer: Layer, precond, leaves: list):
+  """The layer's gradient leaves stacked as ``g (n, d_out)``, bias row last."""
   dtype = jax.tree.leaves(precond)[0].dtype
-  g = jnp.concatenate([
+  return jnp.concatenate([
       jnp.reshape(leaves[index], (rows, layer.d_out)).astype(dtype)
       for index, _, rows in layer.leaves])
-  out = layer.block.apply(precond, g)
+
+
+def _write_back(layer: Layer, out, leaves: list):
+  """Replaces the layer's leaves (in place in ``leaves``) by the rows of ``out``."""
   offset = 0
   for index, _, rows in layer.leaves:
     original = leaves[index]
