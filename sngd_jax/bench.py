@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import importlib.metadata
 import json
@@ -37,8 +38,8 @@ from sngd_jax import peers as peer_runs
 SNGD_OPTIONS = dict(momentum=0.9)
 
 
-def _sngd(learning_rate):
-  return sngd_jax.sngd(learning_rate, **SNGD_OPTIONS)
+def _sngd(learning_rate, **task_options):
+  return sngd_jax.sngd(learning_rate, **{**SNGD_OPTIONS, **task_options})
 
 
 def _adam(learning_rate):
@@ -47,6 +48,10 @@ def _adam(learning_rate):
 
 def _sgd(learning_rate):
   return optax.sgd(learning_rate, momentum=0.9)
+
+
+def _adamw(learning_rate):
+  return optax.adamw(learning_rate, weight_decay=0.1)
 
 
 def _muon(learning_rate):
@@ -60,7 +65,10 @@ OPTIMIZERS: dict[str, tuple[Callable[[float], optax.GradientTransformation], tup
     "adam": (_adam, (1e-3, 3e-3, 1e-2)),
     "sgd": (_sgd, (0.03, 0.1, 0.3)),
     "muon": (_muon, (3e-3, 1e-2, 3e-2)),
+    "adamw": (_adamw, (1e-3, 3e-3, 1e-2)),
 }
+# Baselines that run only on the tasks that name them (Task.extra_optimizers).
+OPTIONAL = ("adamw",)
 # Their step scales with the gradient (Adam's, Muon's and the peers' do not):
 # a task whose loss is a sum over outputs multiplies their grid by its lr_scale.
 GRADIENT_SCALED = ("sngd", "sgd")
@@ -78,6 +86,8 @@ class Task:
   published: str = ""  # published test accuracy, for context
   clip: float | None = None  # global-norm gradient clipping, for every optimizer alike
   lr_scale: float = 1.0  # for GRADIENT_SCALED optimizers' grids
+  extra_optimizers: tuple[str, ...] = ()  # of OPTIONAL
+  sngd_options: tuple[tuple[str, object], ...] = ()  # beside SNGD_OPTIONS
 
 
 def grid(task: Task, name: str) -> tuple[float, ...]:
@@ -118,6 +128,12 @@ def tasks(suite: str, fast: bool) -> list[Task]:
                lambda: models.CNN((16, 32), kernel=3, spatial=2), 128,
                epochs(3), 0.3),
       ]
+    # A loss per character, averaged: every position is an example
+    # (weight_sharing "expand", as the README's layer table says).
+    out.append(Task("python-docs-lm", _cached(datasets.python_docs),
+                    models.Transformer, 32, epochs(2), 1.6,
+                    extra_optimizers=("adamw",),
+                    sngd_options=(("weight_sharing", "expand"),)))
   return out
 
 
@@ -214,6 +230,8 @@ def train(task: Task, data: datasets.Dataset, optimizer: str, lr: float,
   """
   model = task.model()
   make_tx, _ = OPTIMIZERS[optimizer]
+  if optimizer == "sngd" and task.sngd_options:
+    make_tx = functools.partial(make_tx, **dict(task.sngd_options))
   tx = optax.inject_hyperparams(make_tx)(learning_rate=lr)
   if task.clip is not None:
     tx = optax.chain(optax.clip_by_global_norm(task.clip), tx)
@@ -225,15 +243,15 @@ def train(task: Task, data: datasets.Dataset, optimizer: str, lr: float,
   if key not in _COMPILED:
     chunk, evaluate = make_chunk(task, model, tx, optimizer == "sngd")
     chunk = chunk.lower(params, opt_state,
-                        jax.ShapeDtypeStruct(shape + data.x_train.shape[1:], jnp.float32),
-                        jax.ShapeDtypeStruct(shape, jnp.int32)).compile()
+                        jax.ShapeDtypeStruct(shape + data.x_train.shape[1:], data.x_train.dtype),
+                        jax.ShapeDtypeStruct(shape + data.y_train.shape[1:], jnp.int32)).compile()
     _COMPILED[key] = chunk, evaluate
   chunk, evaluate = _COMPILED[key]
   compile_s = time.perf_counter() - compile_start
   # One untimed call on copies: first-call costs are not the optimizer's.
   copies = jax.tree.map(jnp.copy, (params, opt_state))
-  jax.block_until_ready(chunk(*copies, jnp.zeros(shape + data.x_train.shape[1:], jnp.float32),
-                              jnp.zeros(shape, jnp.int32)))
+  jax.block_until_ready(chunk(*copies, jnp.zeros(shape + data.x_train.shape[1:], data.x_train.dtype),
+                              jnp.zeros(shape + data.y_train.shape[1:], jnp.int32)))
 
   def advance(carry, xs, ys):
     params, opt_state, _ = chunk(*carry, xs, ys)
@@ -278,7 +296,7 @@ def run(task, data, advance, carry, evaluate, seed=0, evals_per_epoch=4,
   for _ in range(task.epochs):
     order = rng.permutation(len(data.x_train))[:chunks_per_epoch * chunk_steps * task.batch_size]
     xs = jnp.asarray(data.x_train[order].reshape((chunks_per_epoch,) + shape + data.x_train.shape[1:]))
-    ys = jnp.asarray(data.y_train[order].reshape((chunks_per_epoch,) + shape))
+    ys = jnp.asarray(data.y_train[order].reshape((chunks_per_epoch,) + shape + data.y_train.shape[1:]))
     for c in range(chunks_per_epoch):
       start = time.perf_counter()
       carry = jax.block_until_ready(advance(carry, xs[c], ys[c]))
@@ -401,7 +419,8 @@ def main(argv=None):
     if args.steps is not None:
       task, data = smoke(task, data, args.steps)
     runs = []
-    optax_runs = [o for o in args.optimizers if o in OPTIMIZERS]
+    optax_runs = [o for o in args.optimizers if o in OPTIMIZERS and (
+        o not in OPTIONAL or o in task.extra_optimizers)]
     total = (sum(len(grid(task, o)) for o in optax_runs)
              + sum(len(peer_runs.PEERS[p].learning_rates) for p in peer_names)
              ) * task.epochs

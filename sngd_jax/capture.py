@@ -222,26 +222,38 @@ def conv_patches(layer, x):
   return None if geometry is None else geometry.patches(x)
 
 
-def _general_inputs(layer, x):
-  """LinearGeneral/DenseGeneral: flatten trailing input axes, one output axis."""
+def _flatten_trailing(a, axes: int):
+  """``a`` with its last ``axes`` axes flattened into one."""
+  return jnp.reshape(a, a.shape[:a.ndim - axes] + (-1,))
+
+
+def _general_entry(layer, x, y):
+  """LinearGeneral/DenseGeneral: a dense map over the flattened axes.
+
+  The contracted input axes must be ``x``'s trailing axes (attention's
+  ``(heads, head_dim)`` output projection among them); any number of output
+  axes (the q/k/v projections' ``(heads, head_dim)``).
+  """
   features = layer.out_features if hasattr(layer, "out_features") else layer.features
   axis = layer.axis if hasattr(layer, "axis") else -1
   features = (features,) if isinstance(features, int) else tuple(features)
   axes = (axis,) if isinstance(axis, int) else tuple(axis)
   axes = tuple(sorted(a % x.ndim for a in axes))
-  if len(features) != 1 or axes != tuple(range(x.ndim - len(axes), x.ndim)):
+  if axes != tuple(range(x.ndim - len(axes), x.ndim)):
     return None
-  if getattr(layer, "batch_axis", None):
-    return None
-  return jnp.reshape(x, x.shape[:x.ndim - len(axes)] + (-1,))
+  if getattr(layer, "batch_axis", None) or getattr(layer, "batch_dims", None):
+    return None  # A kernel per batch index: not one dense map.
+  return {"inputs": _flatten_trailing(x, len(axes)),
+          "outputs": _flatten_trailing(y, len(features))}
 
 
-def _einsum_inputs(x, einsum_str):
-  """Einsum as a dense map: ``x`` flattened over the axes the kernel contracts.
+def _einsum_entry(x, y, einsum_str):
+  """Einsum as a dense map: ``x`` and ``y`` flattened over the kernel's axes.
 
   Supported when the kernel's axes are the contracted ones, which are the
-  input's trailing axes, followed by one output axis that ends the result,
-  e.g. ``"btd,df->btf"`` or ``"...ij,ijk->...k"``.
+  input's trailing axes, followed by the output axes, which end the result:
+  ``"btd,df->btf"``, ``"btd,dnh->btnh"`` (attention's q/k/v) or
+  ``"btnh,nhd->btd"``.
   """
   if not einsum_str or "," not in einsum_str or "->" not in einsum_str:
     return None
@@ -249,21 +261,37 @@ def _einsum_inputs(x, einsum_str):
   rhs, out = rest.split("->")
   contracted = "".join(c for c in rhs if c not in out)
   kept = rhs[len(contracted):]
-  if (not contracted or rhs != contracted + kept or len(kept) != 1
+  if (not contracted or not kept or rhs != contracted + kept
       or not lhs.endswith(contracted)
       or out != lhs[:len(lhs) - len(contracted)] + kept):
     return None
-  return jnp.reshape(x, x.shape[:x.ndim - len(contracted)] + (-1,))
+  return {"inputs": _flatten_trailing(x, len(contracted)),
+          "outputs": _flatten_trailing(y, len(kept))}
 
 
-def _normalized(y, scale, bias):
-  """``xhat`` from a norm layer's output ``y = scale * xhat + bias``."""
+def _feature_axes(layer, ndim: int) -> tuple[int, ...]:
+  """The axes a norm layer's scale and bias run over (BatchNorm's ``axis``...)."""
+  axes = getattr(layer, "feature_axes", getattr(layer, "axis", -1))
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  return tuple(sorted(a % ndim for a in axes))
+
+
+def _normalized(layer, y, scale, bias):
+  """``xhat`` from a norm layer's output ``y = scale * xhat + bias``.
+
+  Scale and bias broadcast over the layer's feature axes (any axes, not only
+  the last); ``xhat`` comes back with those axes last, flattened: ``(..., C)``.
+  """
+  axes = _feature_axes(layer, y.ndim)
+  shape = tuple(y.shape[i] if i in axes else 1 for i in range(y.ndim))
   if bias is not None:
-    y = y - bias
-  if scale is None:
-    return y
-  safe = jnp.where(jnp.abs(scale) > 1e-12, scale, 1.0)
-  return jnp.where(jnp.abs(scale) > 1e-12, y / safe, 0.0)
+    y = y - jnp.reshape(bias, shape)
+  if scale is not None:
+    scale = jnp.reshape(scale, shape)
+    safe = jnp.where(jnp.abs(scale) > 1e-12, scale, 1.0)
+    y = jnp.where(jnp.abs(scale) > 1e-12, y / safe, 0.0)
+  last = tuple(range(y.ndim - len(axes), y.ndim))
+  return _flatten_trailing(jnp.moveaxis(y, axes, last), len(axes))
 
 
 def _entry(kind, layer, x, y, scale=None, bias=None, einsum_str=None):
@@ -271,11 +299,9 @@ def _entry(kind, layer, x, y, scale=None, bias=None, einsum_str=None):
   if kind == "dense":
     return {"inputs": x, "outputs": y}
   if kind == "einsum":
-    x = _einsum_inputs(x, einsum_str or layer.einsum_str)
-    return None if x is None else {"inputs": x, "outputs": y}
+    return _einsum_entry(x, y, einsum_str or layer.einsum_str)
   if kind == "general":
-    x = _general_inputs(layer, x)
-    return None if x is None else {"inputs": x, "outputs": y}
+    return _general_entry(layer, x, y)
   if kind == "conv":
     geometry = _ConvGeometry.of(layer, x.shape)
     if geometry is None:
@@ -286,7 +312,9 @@ def _entry(kind, layer, x, y, scale=None, bias=None, einsum_str=None):
     return entry
   if kind == "embed":
     return {"inputs": x}
-  return {"inputs": _normalized(y, scale, bias)}  # norm
+  if kind == "attend":  # Embed.attend: the table as a tied output layer
+    return {"attend": x}
+  return {"inputs": _normalized(layer, y, scale, bias)}  # norm
 
 
 def _merge(entries: list[dict]) -> dict:
@@ -295,14 +323,15 @@ def _merge(entries: list[dict]) -> dict:
   Inputs keep their first axis as the examples (batch) axis, the convention
   the transform reads weight sharing from: uses of shape ``(B, ..., d)``
   become one ``(B, P, d)`` (token ids ``(B, P)``); uses with different batch
-  sizes are flattened to rows ``(N, d)``.
+  sizes are flattened to rows ``(N, d)``. Uses of different sorts (an
+  embedding's lookups and its ``attend``) stack under their own keys.
   """
   if len(entries) == 1:
     return jax.tree.map(jax.lax.stop_gradient, entries[0])
   merged = {}
-  for key in entries[0]:
+  for key in dict.fromkeys(k for e in entries for k in e):
     parts = [e[key].materialize() if isinstance(e[key], ConvInputs) else e[key]
-             for e in entries]
+             for e in entries if key in e]
     ids = jnp.issubdtype(parts[0].dtype, jnp.integer)
     batch = {p.shape[0] if p.ndim > (0 if ids else 1) else None for p in parts}
     if len(batch) == 1 and None not in batch:
@@ -489,8 +518,11 @@ def _nnx_ref(module):
 @contextlib.contextmanager
 def _patched_nnx_calls():
   """Wraps ``__call__`` of the NNX layer classes for the duration of a trace."""
-  kinds = _nnx_kinds()
-  originals = {cls: cls.__call__ for cls in kinds}
+  from flax import nnx
+
+  methods = {(cls, "__call__"): kind for cls, kind in _nnx_kinds().items()}
+  methods[(nnx.Embed, "attend")] = "attend"
+  originals = {(cls, name): getattr(cls, name) for cls, name in methods}
 
   def wrap(kind, original):
     def call(self, x, *args, **kwargs):
@@ -505,12 +537,12 @@ def _patched_nnx_calls():
     return call
 
   try:
-    for cls, kind in kinds.items():
-      cls.__call__ = wrap(kind, originals[cls])
+    for (cls, name), kind in methods.items():
+      setattr(cls, name, wrap(kind, originals[(cls, name)]))
     yield
   finally:
-    for cls, original in originals.items():
-      cls.__call__ = original
+    for (cls, name), original in originals.items():
+      setattr(cls, name, original)
 
 
 def nnx_capture(model, *args, **kwargs) -> tuple[Any, dict]:
@@ -580,7 +612,11 @@ def linen_capture(module, variables, *args, **kwargs) -> tuple[Any, dict]:
     y = next_fun(*call_args, **call_kwargs)
     layer = context.module
     kind = next((k for cls, k in kinds.items() if isinstance(layer, cls)), None)
-    if kind is None or context.method_name != "__call__":
+    if kind == "embed" and context.method_name == "attend":
+      kind = "attend"
+    elif context.method_name != "__call__":
+      return y
+    if kind is None:
       return y
     params = layer.variables.get("params", {})
     _record(tuple(layer.scope.path), _entry(

@@ -104,3 +104,45 @@ def digits(seed: int = 0, val_fraction: float = 0.1) -> Dataset:
   n_test = len(x) // 5
   return _split(x[n_test:], y[n_test:], x[:n_test], y[:n_test], "digits",
                 val_fraction, seed)
+
+
+# Printable ASCII and the newline; any other character reads as "?".
+CHARACTERS = "\n" + "".join(chr(c) for c in range(32, 127))
+
+
+def python_docs(context: int = 64, val_fraction: float = 0.05,
+                test_fraction: float = 0.05) -> Dataset:
+  """A character-level language-modelling corpus that ships with Python.
+
+  The text of ``pydoc_data.topics`` (the reference manual's topics behind
+  ``help()``: 465k characters on Python 3.11), topics in sorted order, read as
+  :data:`CHARACTERS` (96 symbols). Windows of ``context`` characters (inputs)
+  and the same shifted by one (targets); the corpus splits by position into
+  train, validation and test (the last ``test_fraction``), so held-out text
+  is never trained on. The corpus depends on the Python version: the
+  dataset's name carries it.
+  """
+  import sys
+
+  from pydoc_data.topics import topics
+
+  text = "".join(topics[key] for key in sorted(topics))
+  table = np.full(128, CHARACTERS.index("?"), np.int32)
+  table[[ord(c) for c in CHARACTERS]] = np.arange(len(CHARACTERS))
+  codes = table[np.minimum([ord(c) for c in text], 127)]
+
+  def windows(part):
+    count = (len(part) - 1) // context
+    x = part[:count * context].reshape(count, context)
+    y = part[1:count * context + 1].reshape(count, context)
+    return x.astype(np.int32), y.astype(np.int32)
+
+  n = len(codes)
+  val_start = int(n * (1 - val_fraction - test_fraction))
+  test_start = int(n * (1 - test_fraction))
+  x_train, y_train = windows(codes[:val_start])
+  order = np.random.default_rng(0).permutation(len(x_train))
+  x_val, y_val = windows(codes[val_start:test_start])
+  x_test, y_test = windows(codes[test_start:])
+  return Dataset(x_train[order], y_train[order], x_val, y_val, x_test, y_test,
+                 f"python{sys.version_info.major}.{sys.version_info.minor}-docs")

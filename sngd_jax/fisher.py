@@ -23,6 +23,7 @@ Kronecker kinds, the layer's whole block-diagonal or Kronecker matrix):
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 from typing import Any, Callable
 
@@ -89,16 +90,45 @@ def _vmapped_inverse(stats, damping, relative_damping, solver):
   return jax.vmap(lambda g: linalg.inverse(g + shift * eye, solver))(stats)
 
 
-class _Block:
-  """What every block shares: its statistic's scale under weight sharing."""
+def uses_per_example(inputs) -> int:
+  """How many times each example used the layer: its positions, time steps, calls.
 
-  def scaled(self, stats, uses):
-    """The statistic of a layer used ``uses`` times per example.
+  The inputs' first axis is the examples axis; every other axis but the
+  features (token ids have none) is a position. A convolution's lazy inputs
+  count their output positions.
+  """
+  if hasattr(inputs, "positions"):
+    return inputs.positions
+  shape = np.shape(inputs)
+  ids = jnp.issubdtype(jnp.result_type(inputs), jnp.integer)
+  return math.prod(shape[1:] if ids else shape[1:-1])
+
+
+def _materialized(x):
+  """Inputs given lazily (a convolution's ``ConvInputs``) are built here only."""
+  return x.materialize() if hasattr(x, "materialize") else x
+
+
+class _Block:
+  """What every block shares: its statistic's scale under weight sharing.
+
+  A block reads an activations entry: ``entry["inputs"]`` (a convolution's
+  lazily, through ``_materialized``) and, for the kinds that need them,
+  ``entry["outputs"]``.
+  """
+
+  def scaled(self, stats, entry):
+    """The statistic of a layer used ``T`` times per example (its entry's positions).
 
     The gradient of a per-example loss sums over the uses, so the per-example
-    Fisher sums over them too: ``uses`` times the mean over uses.
+    Fisher sums over them too: ``T`` times the mean over uses.
     """
+    uses = uses_per_example(entry["inputs"])
     return jax.tree.map(lambda s: s * uses, stats)
+
+  def apply(self, precond, g, entry):
+    del entry
+    return self.apply_matrix(precond, g)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,15 +140,14 @@ class Linear(_Block):
   def init(self, dtype):
     return jnp.eye(self.n, dtype=dtype)
 
-  def statistic(self, x, h, dtype):
-    del h
-    return second_moment(features(x, self.n, dtype))
+  def statistic(self, entry, dtype):
+    return second_moment(features(_materialized(entry["inputs"]), self.n, dtype))
 
   def refresh(self, stats, damping, relative_damping, solver):
     return linalg.inverse(
         linalg.damped(stats, damping, relative_damping), solver)
 
-  def apply(self, precond, g):
+  def apply_matrix(self, precond, g):
     return precond @ g
 
 
@@ -150,9 +179,8 @@ class NystromLinear(_Block):
     return {"columns": eye[:, np.array(self.columns)],
             "diagonal": jnp.ones((self.n,), dtype)}
 
-  def statistic(self, x, h, dtype):
-    del h
-    xt = features(x, self.n, dtype)
+  def statistic(self, entry, dtype):
+    xt = features(_materialized(entry["inputs"]), self.n, dtype)
     return {"columns": xt.T @ xt[:, np.array(self.columns)] / xt.shape[0],
             "diagonal": jnp.mean(xt * xt, axis=0)}
 
@@ -164,7 +192,7 @@ class NystromLinear(_Block):
         stats["columns"], np.array(self.columns), shift, stats["diagonal"])
     return {"basis": basis, "core": core, "shift": shift}
 
-  def apply(self, precond, g):
+  def apply_matrix(self, precond, g):
     return linalg.nystrom_apply(
         precond["basis"], precond["core"], precond["shift"], g)
 
@@ -183,7 +211,7 @@ class _UnitBlocks(_Block):
   def refresh(self, stats, damping, relative_damping, solver):
     return _vmapped_inverse(stats, damping, relative_damping, solver)
 
-  def apply(self, precond, g):
+  def apply_matrix(self, precond, g):
     # update[:, j] = P_j @ g[:, j]
     return jnp.einsum("jik,kj->ij", precond, g)
 
@@ -194,9 +222,9 @@ class PerUnit(_UnitBlocks):
 
   nu: Callable[[Array], Array] = _relu_nu
 
-  def statistic(self, x, h, dtype):
-    xt = features(x, self.n, dtype)
-    weights = self.nu(rows(h, dtype))
+  def statistic(self, entry, dtype):
+    xt = features(_materialized(entry["inputs"]), self.n, dtype)
+    weights = self.nu(rows(entry["outputs"], dtype))
     return jnp.einsum("nj,ni,nk->jik", weights, xt, xt) / xt.shape[0]
 
 
@@ -211,17 +239,17 @@ class Softmax(_Block):
   n: int
   d_out: int
 
-  def scaled(self, stats, uses):
+  def scaled(self, stats, entry):
     # Scaling one factor scales the Kronecker product.
-    return {**stats, "input": stats["input"] * uses}
+    return {**stats, "input": stats["input"] * uses_per_example(entry["inputs"])}
 
   def init(self, dtype):
     return {"output": jnp.eye(self.d_out, dtype=dtype),
             "input": jnp.eye(self.n, dtype=dtype)}
 
-  def statistic(self, x, h, dtype):
-    xt = features(x, self.n, dtype)
-    eta = jax.nn.softmax(rows(h, dtype), axis=-1)
+  def statistic(self, entry, dtype):
+    xt = features(_materialized(entry["inputs"]), self.n, dtype)
+    eta = jax.nn.softmax(rows(entry["outputs"], dtype), axis=-1)
     output = jnp.diag(jnp.mean(eta, axis=0)) - eta.T @ eta / eta.shape[0]
     return {"output": output, "input": second_moment(xt)}
 
@@ -235,7 +263,7 @@ class Softmax(_Block):
     return {"output": out_vecs, "input": in_vecs,
             "scale": 1.0 / (jnp.outer(in_vals, out_vals) + shift)}
 
-  def apply(self, precond, g):
+  def apply_matrix(self, precond, g):
     rotated = precond["input"].T @ g @ precond["output"]
     return precond["input"] @ (rotated * precond["scale"]) @ precond["output"].T
 
@@ -250,9 +278,8 @@ class Affine(_UnitBlocks):
 
   has_scale: bool = True
 
-  def statistic(self, x, h, dtype):
-    del h
-    xhat = rows(x, dtype)
+  def statistic(self, entry, dtype):
+    xhat = rows(entry["inputs"], dtype)
     parts = [xhat] if self.has_scale else []
     if self.n > len(parts):
       parts.append(jnp.ones_like(xhat))
@@ -262,27 +289,63 @@ class Affine(_UnitBlocks):
 
 @dataclasses.dataclass(frozen=True)
 class Embedding(_Block):
-  """Diagonal Fisher of an embedding table: each row's token frequency."""
+  """An embedding table ``(vocab, dim)``, used for lookups and as a tied output layer.
+
+  A lookup of token ``v`` is a dense layer with a one-hot input, so row ``v``
+  gets ``f_v I`` (``f_v``: its frequency). ``Embed.attend(h)``, the logits
+  ``h E^T``, is a dense layer whose output units are the rows, so every row
+  gets ``C = E[h h^T]``. A parameter used twice gets the sum of both uses'
+  local Fisher blocks (the cross terms are dropped, as between layers): row
+  ``v``'s block is ``f_v I + C``, inverted for every row at once from the
+  eigenpairs of ``C``. Without ``attend`` (``C = 0``) the block is diagonal.
+  """
 
   vocab: int
+  dim: int
 
   def init(self, dtype):
-    return jnp.ones((self.vocab,), dtype)
+    return {"counts": jnp.ones((self.vocab,), dtype),
+            "hidden": jnp.zeros((self.dim, self.dim), dtype)}
 
-  def statistic(self, x, h, dtype):
-    del h
-    ids = jnp.reshape(x, (-1,))
-    return jnp.zeros((self.vocab,), dtype).at[ids].add(
-        jnp.asarray(1.0 / ids.shape[0], dtype))
+  def statistic(self, entry, dtype):
+    counts = jnp.zeros((self.vocab,), dtype)
+    if "inputs" in entry:
+      ids = jnp.reshape(entry["inputs"], (-1,))
+      counts = counts.at[ids].add(jnp.asarray(1.0 / ids.shape[0], dtype))
+    hidden = jnp.zeros((self.dim, self.dim), dtype)
+    if "attend" in entry:
+      hidden = second_moment(rows(entry["attend"], dtype))
+    return {"counts": counts, "hidden": hidden}
+
+  def scaled(self, stats, entry):
+    scale = {key: uses_per_example(entry[name]) if name in entry else 1
+             for key, name in (("counts", "inputs"), ("hidden", "attend"))}
+    return {key: stats[key] * scale[key] for key in stats}
 
   def refresh(self, stats, damping, relative_damping, solver):
-    del solver
-    shift = linalg.damping_for(jnp.sum(stats), self.vocab, damping,
+    del solver  # One eigendecomposition serves every row's block.
+    values, vectors = jnp.linalg.eigh(stats["hidden"])
+    values = jnp.maximum(values, 0.0)
+    trace = self.dim * jnp.sum(stats["counts"]) + self.vocab * jnp.sum(values)
+    shift = linalg.damping_for(trace, self.vocab * self.dim, damping,
                                relative_damping)
-    return 1.0 / (stats + shift)
+    return {"counts": stats["counts"] + shift, "values": values,
+            "vectors": vectors}
 
-  def apply(self, precond, g):
-    return precond[:, None] * g
+  def apply(self, precond, g, entry):
+    counts = precond["counts"][:, None]
+    if "attend" not in entry:
+      direction = g / counts
+      if "inputs" in entry:
+        # Rows no captured lookup used in this batch whose gradient is not
+        # zero come from a use the capture did not see (the table multiplied
+        # by hand, say): they keep the plain gradient, never 1/damping times it.
+        ids = jnp.reshape(entry["inputs"], (-1,))
+        seen = jnp.zeros((self.vocab,), bool).at[ids].set(True)
+        direction = jnp.where(seen[:, None], direction, g)
+      return direction
+    rotated = g @ precond["vectors"]
+    return (rotated / (counts + precond["values"])) @ precond["vectors"].T
 
 
 Block = Any  # One of the dataclasses above.

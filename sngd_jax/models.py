@@ -72,3 +72,31 @@ class GRU(nn.Module):
       x = x[..., None]
     h = nn.RNN(nn.GRUCell(self.hidden))(x)
     return nn.Dense(self.outputs)(h[:, -1])
+
+
+class Transformer(nn.Module):
+  """Decoder-only character LM: pre-LayerNorm blocks, tied embeddings.
+
+  Learned positions, causal ``MultiHeadDotProductAttention`` and a GELU MLP
+  (4x) per block; the logits are ``Embed.attend`` of the final norm's output
+  (the input embedding is the output layer).
+  """
+
+  vocab: int = 96
+  dim: int = 128
+  heads: int = 4
+  layers: int = 2
+  context: int = 64
+
+  @nn.compact
+  def __call__(self, tokens):
+    embed = nn.Embed(self.vocab, self.dim)
+    positions = nn.Embed(self.context, self.dim)(jnp.arange(tokens.shape[1]))
+    x = embed(tokens) + positions
+    mask = nn.make_causal_mask(tokens)
+    for _ in range(self.layers):
+      h = nn.LayerNorm()(x)
+      x = x + nn.MultiHeadDotProductAttention(self.heads)(h, mask=mask)
+      h = nn.Dense(4 * self.dim)(nn.LayerNorm()(x))
+      x = x + nn.Dense(self.dim)(nn.gelu(h))
+    return embed.attend(nn.LayerNorm()(x))

@@ -20,6 +20,8 @@ from sngd_jax import fisher, linalg
 # A per-layer option: one value, a mapping from glob patterns of layer paths to
 # values, or a callable from the path to a value.
 PerLayer = Union[str, Mapping[str, str], Callable[[str], str]]
+# How many trailing kernel axes are outputs, per layer (None: inferred).
+OutputAxes = Union[None, int, Mapping[str, int], Callable[[str], Union[int, None]]]
 WEIGHT_SHARING = ("reduce", "expand")
 
 
@@ -95,11 +97,13 @@ class Layer:
   leaves: tuple[tuple[int, str, int], ...]
   d_in: int
   d_out: int
+  kernel_shape: tuple[int, ...] = ()
+  output_axes: int = 1
 
 
-def _resolve(option: PerLayer, path: str, default: str) -> str:
+def _resolve(option, path: str, default):
   """A per-layer option's value: one value, glob patterns of paths, or a callable."""
-  if isinstance(option, str):
+  if isinstance(option, (str, int)):
     return option
   if isinstance(option, Mapping):
     for pattern, value in option.items():
@@ -107,6 +111,34 @@ def _resolve(option: PerLayer, path: str, default: str) -> str:
         return value
     return default
   return option(path)
+
+
+def _kernel_output_axes(path, kernel_shape, bias_shape, output_axes):
+  """How many trailing kernel axes are outputs; None for a scan-stacked kernel.
+
+  ``output_axes`` decides where it names the layer; else the bias does (its
+  shape is the output axes': attention's q/k/v ``(heads, head_dim)``); else
+  one (dense, conv, an output projection ``(heads, head_dim, d_model)``).
+  """
+  chosen = None if output_axes is None else _resolve(output_axes, path, None)
+  if chosen is not None:
+    if not isinstance(chosen, int) or not 1 <= chosen < len(kernel_shape):
+      raise ValueError(f"output_axes for {path!r} is {chosen!r}; its kernel "
+                       f"{kernel_shape} takes 1..{len(kernel_shape) - 1}")
+    outputs = chosen
+  elif bias_shape and tuple(kernel_shape[-len(bias_shape):]) == tuple(bias_shape):
+    outputs = min(len(bias_shape), len(kernel_shape) - 1)
+  elif bias_shape is not None and len(kernel_shape) > 2 and tuple(
+      bias_shape) == tuple(kernel_shape[:-2]) + (kernel_shape[-1],):
+    return None
+  else:
+    outputs = 1
+  if bias_shape is not None:
+    d_out = math.prod(kernel_shape[len(kernel_shape) - outputs:])
+    if math.prod(bias_shape) != d_out:
+      raise ValueError(f"{path}/bias has shape {bias_shape}; the kernel "
+                       f"{kernel_shape} has {d_out} outputs")
+  return outputs
 
 
 def _dense_block(kind, path, n, d_out, bias, nystrom):
@@ -119,11 +151,12 @@ def _dense_block(kind, path, n, d_out, bias, nystrom):
   return fisher.PerUnit(n, d_out, fisher.NU[kind])
 
 
-def plan_layers(tree, layer_fisher, nystrom):
+def plan_layers(tree, layer_fisher, nystrom, output_axes=None):
   """Groups the leaves of ``tree`` (params or gradients) into layers.
 
-  A module is the parent of a ``kernel`` (dense or convolution: ``kernel`` of
-  shape ``(..., d_out)`` read as ``(d_in, d_out)``), of an ``embedding``
+  A module is the parent of a ``kernel`` (dense, convolution, attention
+  projection: its leading axes are inputs and its trailing axes outputs, read
+  as ``(d_in, d_out)``; see ``_kernel_output_axes``), of an ``embedding``
   table, or of ``scale``/``bias`` without a kernel (normalization layers).
 
   Returns:
@@ -140,7 +173,7 @@ def plan_layers(tree, layer_fisher, nystrom):
   layers, claimed, opted_out = [], set(), set()
   for module_path, children in modules.items():
     path = path_str(module_path)
-    layer = _module_layer(path, children, layer_fisher, nystrom)
+    layer = _module_layer(path, children, layer_fisher, nystrom, output_axes)
     if layer is None:
       opted_out.add(path)
     else:
@@ -151,7 +184,7 @@ def plan_layers(tree, layer_fisher, nystrom):
   return layers, passthrough, opted_out
 
 
-def _module_layer(path, children, layer_fisher, nystrom):
+def _module_layer(path, children, layer_fisher, nystrom, output_axes):
   def shape(name):
     return np.shape(children[name][1])
 
@@ -168,25 +201,26 @@ def _module_layer(path, children, layer_fisher, nystrom):
                        f"of {fisher.KINDS}")
     if kind == "none":
       return None
-    d_out = kernel_shape[-1]
-    d_in = math.prod(kernel_shape[:-1])
+    bias = shape("bias") if "bias" in children else None
+    outputs = _kernel_output_axes(path, kernel_shape, bias, output_axes)
+    if outputs is None:
+      return None  # Layers stacked for a scan: one kernel per step.
+    d_out = math.prod(kernel_shape[len(kernel_shape) - outputs:])
+    d_in = math.prod(kernel_shape[:len(kernel_shape) - outputs])
     leaves = [leaf("kernel", d_in)]
-    if "bias" in children:
-      if len(kernel_shape) > 2 and shape("bias") == kernel_shape[:-2] + (d_out,):
-        return None  # Layers stacked for a scan: one kernel per step.
-      if math.prod(shape("bias")) != d_out:
-        raise ValueError(f"{path}/bias has shape {shape('bias')}; the kernel "
-                         f"{kernel_shape} has {d_out} outputs")
+    if bias is not None:
       leaves.append(leaf("bias", 1))
     n = len(leaves) - 1 + d_in
-    block = _dense_block(kind, path, n, d_out, "bias" in children, nystrom)
-    return Layer(path, kind, block, tuple(leaves), d_in, d_out)
+    block = _dense_block(kind, path, n, d_out, bias is not None, nystrom)
+    return Layer(path, kind, block, tuple(leaves), d_in, d_out,
+                 tuple(kernel_shape), outputs)
 
   if not isinstance(layer_fisher, str) and _resolve(layer_fisher, path, "linear") == "none":
     return None
   if "embedding" in children and len(shape("embedding")) >= 2:
     table = shape("embedding")
-    return Layer(path, "embedding", fisher.Embedding(table[0]),
+    return Layer(path, "embedding",
+                 fisher.Embedding(table[0], math.prod(table[1:])),
                  (leaf("embedding", table[0]),), 1, math.prod(table[1:]))
   if "scale" in children or "bias" in children:
     names = [name for name in ("scale", "bias") if name in children]
@@ -205,7 +239,7 @@ def _module_layer(path, children, layer_fisher, nystrom):
 
 
 def _is_entry(x) -> bool:
-  return isinstance(x, Mapping) and "inputs" in x
+  return isinstance(x, Mapping) and ("inputs" in x or "attend" in x)
 
 
 def flatten_activations(activations) -> dict[str, Mapping]:
@@ -217,27 +251,39 @@ def flatten_activations(activations) -> dict[str, Mapping]:
     if not _is_entry(entry):
       raise ValueError(
           f"activations at {names!r} must be a dict with 'inputs' (and "
-          f"'outputs'), got {type(entry).__name__}")
+          f"'outputs'; an embedding's 'attend'), got {type(entry).__name__}")
     flat[names] = entry
   return flat
 
 
 def _check_entry(layer: Layer, entry: Mapping):
   """Raises a ValueError naming the layer's path if its activations do not fit."""
-  x = entry["inputs"]
   where = f"activations[{layer.path!r}]"
   if layer.kind == "embedding":
-    if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+    if "inputs" in entry and not jnp.issubdtype(
+        jnp.result_type(entry["inputs"]), jnp.integer):
       raise ValueError(f"{where}['inputs'] must hold integer token ids, got "
-                       f"{jnp.result_type(x)}")
+                       f"{jnp.result_type(entry['inputs'])}")
+    if "attend" in entry and np.shape(entry["attend"])[-1:] != (layer.d_out,):
+      raise ValueError(f"{where}['attend'] has shape "
+                       f"{np.shape(entry['attend'])}; the table needs "
+                       f"(..., {layer.d_out})")
     return
+  if "inputs" not in entry:
+    raise ValueError(f"{where} needs 'inputs'")
+  x = entry["inputs"]
   if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
     raise ValueError(f"{where}['inputs'] must be floating point, got "
                      f"{jnp.result_type(x)}")
   expected = layer.d_out if layer.kind == "affine" else layer.d_in
   if np.ndim(x) < 1 or np.shape(x)[-1] != expected:
+    hint = ""
+    if layer.kind != "affine" and layer.kernel_shape[:-1]:
+      hint = (f" (its kernel {layer.kernel_shape} is read with "
+              f"{layer.output_axes} output axes: the bias's, else one; "
+              "output_axes={path pattern: k} sets another split)")
     raise ValueError(f"{where}['inputs'] has shape {np.shape(x)}; the layer's "
-                     f"parameters need (..., {expected})")
+                     f"parameters need (..., {expected}){hint}")
   if layer.kind in fisher.NU or layer.kind == "softmax":
     if "outputs" not in entry:
       raise ValueError(f"{where} needs 'outputs' (pre-activations) for "
@@ -318,6 +364,7 @@ def scale_by_sngd(
     kl_clip: float | None = 0.1,
     learning_rate: optax.ScalarOrSchedule = 1.0,
     weight_sharing: PerLayer = "reduce",
+    output_axes: OutputAxes = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with the damped inverse local Fisher of each layer.
 
@@ -378,6 +425,14 @@ def scale_by_sngd(
       ``"expand"`` (a loss per position, averaged) averages over all uses. A
       single mode, a mapping from glob patterns to modes (unmatched layers
       get ``"reduce"``), or a callable of the path.
+    output_axes: how many trailing axes of a kernel are outputs (the rest
+      are inputs; the block is that of the dense map over the flattened
+      axes). ``None`` (default): the bias's axes (attention's q/k/v kernels
+      ``(d_model, heads, head_dim)`` with bias ``(heads, head_dim)``: 2), or
+      1 for a kernel without a bias (dense, conv, output projections
+      ``(heads, head_dim, d_model)``). Bias-free multi-output kernels need it:
+      ``output_axes={"*/query": 2, "*/key": 2, "*/value": 2}``. An int, a
+      mapping from glob patterns, or a callable of the path (None: inferred).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -410,7 +465,7 @@ def scale_by_sngd(
     return mode
 
   def plan(tree):
-    return plan_layers(tree, layer_fisher, nystrom)
+    return plan_layers(tree, layer_fisher, nystrom, output_axes)
 
   def init_fn(params):
     layers, _, _ = plan(params)
@@ -509,7 +564,8 @@ def scale_by_sngd(
     for path, layer in active.items():
       with jax.named_scope(f"sngd/{path}/apply"):
         g = _gradient_matrix(layer, preconditioners[path], leaves)
-        directions[path] = layer.block.apply(preconditioners[path], g)
+        directions[path] = layer.block.apply(preconditioners[path], g,
+                                             entries[path])
         vg += jnp.vdot(directions[path], g).astype(jnp.float32)
     scale, clipped = 1.0, jnp.zeros([], jnp.int32)
     if kl_clip is not None:
@@ -527,25 +583,6 @@ def scale_by_sngd(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _materialized(x):
-  """Inputs given lazily (a convolution's ``ConvInputs``) are built here only."""
-  return x.materialize() if hasattr(x, "materialize") else x
-
-
-def uses_per_example(inputs) -> int:
-  """How many times each example used the layer: its positions, time steps, calls.
-
-  The inputs' first axis is the examples axis; every other axis but the
-  features (token ids have none) is a position. A convolution's lazy inputs
-  count their output positions.
-  """
-  if hasattr(inputs, "positions"):
-    return inputs.positions
-  shape = np.shape(inputs)
-  ids = jnp.issubdtype(jnp.result_type(inputs), jnp.integer)
-  return math.prod(shape[1:] if ids else shape[1:-1])
-
-
 def _statistic_ema(layer, entry, old, ema_decay, reduce):
   """EMA of the layer's statistic; a non-finite batch statistic is skipped.
 
@@ -556,11 +593,9 @@ def _statistic_ema(layer, entry, old, ema_decay, reduce):
   """
   with jax.named_scope("statistics"):
     dtype = jax.tree.leaves(old)[0].dtype
-    inputs = entry["inputs"]
-    stat = layer.block.statistic(_materialized(inputs), entry.get("outputs"),
-                                 dtype)
+    stat = layer.block.statistic(entry, dtype)
     if reduce:
-      stat = layer.block.scaled(stat, uses_per_example(inputs))
+      stat = layer.block.scaled(stat, entry)
     stat = jax.tree.map(lambda s, o: s.astype(o.dtype), stat, old)
     ok = _all_finite(stat)
     ema = jax.tree.map(lambda o, s: ema_decay * o + (1 - ema_decay) * s,
@@ -638,6 +673,7 @@ def sngd(
     nystrom: Nystrom | None = Nystrom(),
     kl_clip: float | None = 0.1,
     weight_sharing: PerLayer = "reduce",
+    output_axes: OutputAxes = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SNGD: the preconditioner alone, or the complete optimizer.
 
@@ -655,7 +691,7 @@ def sngd(
     weight_decay: decoupled weight decay; 0 for none.
     weight_decay_mask: ``optax.add_decayed_weights``' mask.
     ema_decay, damping, relative_damping, stats_every, inverse_every,
-    layer_fisher, solver, nystrom, kl_clip, weight_sharing: see
+    layer_fisher, solver, nystrom, kl_clip, weight_sharing, output_axes: see
       :func:`scale_by_sngd`. ``kl_clip`` bounds the step heavy-ball momentum
       takes along a steady direction, ``learning_rate / (1 - momentum)``.
 
@@ -680,7 +716,8 @@ def sngd(
       ema_decay=ema_decay, damping=damping, relative_damping=relative_damping,
       stats_every=stats_every, inverse_every=inverse_every,
       layer_fisher=layer_fisher, solver=solver, nystrom=nystrom,
-      kl_clip=kl_clip, learning_rate=clip_rate, weight_sharing=weight_sharing)]
+      kl_clip=kl_clip, learning_rate=clip_rate, weight_sharing=weight_sharing,
+      output_axes=output_axes)]
   if not (_is_number(weight_decay) and weight_decay == 0):
     parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
   if not (_is_number(momentum) and momentum == 0):

@@ -1,0 +1,271 @@
+"""Transformers: attention projections, tied embeddings, norms over any axis.
+
+Each block is checked in float64 against the local Fisher built from autodiff
+Jacobians of the layer's own outputs (the "linear" kind: ``E[J^T J]`` over
+every use, an identity output factor), independent of the capture code.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import sngd_jax
+from test_exact_ngd import DAMPING, RELATIVE
+from test_flax import one_update
+
+
+def jacobian_fisher(f, params):
+  """``E[J^T J]`` over the rows of ``f(params)`` ``(..., d_out)``, params flattened."""
+  leaves, treedef = jax.tree.flatten(params)
+  sizes = [leaf.size for leaf in leaves]
+
+  def flat_f(theta):
+    parts = jnp.split(theta, np.cumsum(sizes)[:-1])
+    return f(jax.tree.unflatten(treedef, [
+        p.reshape(leaf.shape) for p, leaf in zip(parts, leaves)]))
+
+  theta = jnp.concatenate([leaf.reshape(-1) for leaf in leaves])
+  out = flat_f(theta)
+  jac = jax.jacobian(flat_f)(theta).reshape(-1, out.shape[-1], theta.size)
+  return np.einsum("roa,rob->ab", jac, jac) / jac.shape[0]
+
+
+def damped_solve(fisher, g):
+  dim = fisher.shape[0]
+  shift = DAMPING + RELATIVE * np.trace(fisher) / dim
+  return np.linalg.solve(fisher + shift * np.eye(dim), g)
+
+
+def flat(tree):
+  return np.concatenate([np.asarray(x).reshape(-1) for x in jax.tree.leaves(tree)])
+
+
+class Block(nnx.Module):
+  """Pre-LayerNorm decoder block: causal attention and an MLP."""
+
+  def __init__(self, dim, heads, rngs, dtype=jnp.float32):
+    self.norm1 = nnx.LayerNorm(dim, rngs=rngs, param_dtype=dtype)
+    self.attention = nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs,
+                                            param_dtype=dtype)
+    self.norm2 = nnx.LayerNorm(dim, rngs=rngs, param_dtype=dtype)
+    self.up = nnx.Linear(dim, 2 * dim, rngs=rngs, param_dtype=dtype)
+    self.down = nnx.Linear(2 * dim, dim, rngs=rngs, param_dtype=dtype)
+
+  def __call__(self, x):
+    mask = nnx.make_causal_mask(jnp.ones(x.shape[:2]))
+    x = x + self.attention(self.norm1(x), mask=mask)
+    return x + self.down(nnx.gelu(self.up(self.norm2(x))))
+
+
+class MiniGPT(nnx.Module):
+  """Decoder-only transformer with tied embeddings (``Embed.attend``)."""
+
+  def __init__(self, vocab=11, dim=16, heads=2, layers=2, context=8, *, rngs,
+               dtype=jnp.float32):
+    self.embed = nnx.Embed(vocab, dim, rngs=rngs, param_dtype=dtype)
+    self.position = nnx.Embed(context, dim, rngs=rngs, param_dtype=dtype)
+    self.blocks = nnx.List([Block(dim, heads, rngs, dtype) for _ in range(layers)])
+    self.norm = nnx.LayerNorm(dim, rngs=rngs, param_dtype=dtype)
+
+  def __call__(self, tokens):
+    x = self.embed(tokens) + self.position(jnp.arange(tokens.shape[1]))
+    for block in self.blocks:
+      x = block(x)
+    return self.embed.attend(self.norm(x))
+
+
+def test_minigpt_trains_with_every_parameter_preconditioned():
+  model = MiniGPT(rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (8, 9), 0, 11)
+  optimizer = nnx.Optimizer(model, sngd_jax.sngd(0.1, momentum=0.9),
+                            wrt=nnx.Param)
+
+  def loss_fn(model):
+    logits, acts = sngd_jax.nnx_capture(model, tokens[:, :-1])
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits, tokens[:, 1:]).mean()
+    return loss, acts
+
+  @nnx.jit
+  def step(model, optimizer):
+    (loss, acts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads, activations=acts)
+    return loss
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no plain-gradient warning, no other
+    losses = [float(step(model, optimizer)) for _ in range(30)]
+  state = optimizer.opt_state[0]
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  layers, passthrough, _ = sngd_jax.transform.plan_layers(params, "linear", None)
+  assert passthrough == []
+  assert set(state.stats) == {layer.path for layer in layers}
+  assert "blocks/0/attention/query" in state.stats
+  assert int(state.inverse_faults) == 0
+  assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.fixture(scope="module")
+def attention_case():
+  mha = nnx.MultiHeadAttention(2, 6, qkv_features=4, out_features=5,
+                               decode=False, rngs=nnx.Rngs(0),
+                               param_dtype=jnp.float64)
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, 4, 6), jnp.float64)
+  mask = nnx.make_causal_mask(jnp.ones((3, 4)))
+
+  def loss_fn(mha):
+    y, acts = sngd_jax.nnx_capture(mha, x, mask=mask)
+    return jnp.sum(jnp.sin(y)), acts
+
+  (_, acts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(mha)
+  params = nnx.as_pure(nnx.state(mha, nnx.Param))
+  grads = nnx.as_pure(nnx.state(grads, nnx.Param))
+  return mha, x, mask, params, grads, one_update(params, grads, acts)
+
+
+@pytest.mark.parametrize("name", ["query", "key", "value", "out"])
+def test_attention_projections_get_the_exact_linear_block(attention_case, name):
+  mha, x, mask, params, grads, updates = attention_case
+
+  def outputs(sub):  # the projection's own output, as a function of its params
+    module = mha if name == "out" else getattr(mha, name)
+    graphdef, state = nnx.split(module)
+    pure = nnx.to_pure_dict(state)
+    if name == "out":  # the attention's output is the out projection's
+      pure["out"] = sub
+      return nnx.merge(graphdef, nnx.replace_by_pure_dict(state, pure) or state)(
+          x, mask=mask)
+    nnx.replace_by_pure_dict(state, sub)
+    y = nnx.merge(graphdef, state)(x)
+    return y.reshape(y.shape[:2] + (-1,))
+
+  fisher = jacobian_fisher(outputs, params[name])
+  np.testing.assert_allclose(flat(updates[name]),
+                             damped_solve(fisher, flat(grads[name])),
+                             rtol=1e-8, atol=1e-12)
+
+
+def test_linen_attention_is_captured_and_matches_nnx_shapes():
+  model = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4,
+                                          param_dtype=jnp.float64)
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, 4, 6), jnp.float64)
+  variables = model.init(jax.random.PRNGKey(0), x)
+
+  def loss_fn(params):
+    y, acts = sngd_jax.linen_capture(model, {"params": params}, x)
+    return jnp.sum(jnp.sin(y)), acts
+
+  (_, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      variables["params"])
+  assert set(acts) == {"query", "key", "value", "out"}
+  assert acts["query"]["outputs"].shape == (3, 4, 4)  # heads x head_dim
+  assert acts["out"]["inputs"].shape == (3, 4, 4)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    updates = one_update(variables["params"], grads, acts)
+  # Same block as the query projection's Jacobian Fisher.
+  fisher = jacobian_fisher(
+      lambda sub: nn.DenseGeneral((2, 2), param_dtype=jnp.float64).apply(
+          {"params": sub}, x).reshape(3, 4, 4), variables["params"]["query"])
+  np.testing.assert_allclose(
+      flat(updates["query"]),
+      damped_solve(fisher, flat(grads["query"])), rtol=1e-8, atol=1e-12)
+
+
+class TiedLM(nnx.Module):
+  def __init__(self, rngs, untracked=False):
+    self.embed = nnx.Embed(6, 4, rngs=rngs, param_dtype=jnp.float64)
+    self.mid = nnx.Linear(4, 4, rngs=rngs, param_dtype=jnp.float64)
+    self.untracked = untracked
+
+  def hidden(self, tokens):
+    return jnp.tanh(self.mid(self.embed(tokens)))
+
+  def __call__(self, tokens):
+    h = self.hidden(tokens)
+    if self.untracked:  # the table multiplied by hand: capture cannot see it
+      return h @ self.embed.embedding[...].T
+    return self.embed.attend(h)
+
+
+def tied_case(untracked):
+  model = TiedLM(nnx.Rngs(0), untracked)
+  tokens = jnp.array([[0, 1, 1, 2], [2, 3, 0, 0]])  # tokens 4 and 5 unused
+
+  def loss_fn(model):
+    logits, acts = sngd_jax.nnx_capture(model, tokens)
+    return jnp.sum(jnp.sin(logits)), acts
+
+  (_, acts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  grads = nnx.as_pure(nnx.state(grads, nnx.Param))
+  return model, tokens, acts, grads, one_update(params, grads, acts)
+
+
+def test_tied_embedding_block_is_the_sum_of_both_uses():
+  model, tokens, acts, grads, updates = tied_case(untracked=False)
+  table = model.embed.embedding[...]
+  h = model.hidden(tokens)
+  lookup = jacobian_fisher(lambda e: e[tokens], table)
+  attend = jacobian_fisher(lambda e: h @ e.T, table)
+  g = np.asarray(grads["embed"]["embedding"]).reshape(-1)
+  np.testing.assert_allclose(
+      np.asarray(updates["embed"]["embedding"]).reshape(-1),
+      damped_solve(lookup + attend, g), rtol=1e-8, atol=1e-12)
+  # The rows never looked up still get a bounded step: their block holds E[h h^T].
+  assert np.abs(updates["embed"]["embedding"][4:]).max() < 1e3 * np.abs(g).max()
+
+
+def test_an_untracked_use_of_a_table_gets_the_plain_gradient():
+  model, tokens, acts, grads, updates = tied_case(untracked=True)
+  g = np.asarray(grads["embed"]["embedding"])
+  assert np.abs(g[4:]).max() > 0  # rows 4, 5: only the hand-made product
+  np.testing.assert_allclose(updates["embed"]["embedding"][4:], g[4:])
+  lookup = jacobian_fisher(lambda e: e[tokens], model.embed.embedding[...])
+  expected = damped_solve(lookup, g.reshape(-1)).reshape(g.shape)
+  np.testing.assert_allclose(updates["embed"]["embedding"][:4], expected[:4],
+                             rtol=1e-8)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nnx.BatchNorm(3, axis=1, rngs=nnx.Rngs(0), param_dtype=jnp.float64),
+    lambda: nnx.LayerNorm(3, reduction_axes=1, feature_axes=1, rngs=nnx.Rngs(0),
+                          param_dtype=jnp.float64),
+])
+def test_norms_over_a_channel_axis_that_is_not_last(make):
+  norm = make()
+  norm.scale[...] = jnp.array([0.5, 2.0, -1.5])
+  norm.bias[...] = jnp.array([0.1, -0.2, 0.3])
+  x = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (4, 3, 5), jnp.float64) + 1
+  y, acts = sngd_jax.nnx_capture(norm, x)
+  xhat = acts["inputs"]
+  assert xhat.shape == (4, 5, 3)  # channels last
+  # Rebuilds the output: y = scale * xhat + bias along axis 1.
+  np.testing.assert_allclose(
+      jnp.moveaxis(xhat * norm.scale[...] + norm.bias[...], -1, 1), y,
+      atol=1e-12)
+  if isinstance(norm, nnx.BatchNorm):  # normalized per channel over batch and L
+    np.testing.assert_allclose(jnp.mean(xhat ** 2, axis=(0, 1)), 1.0, atol=1e-4)
+
+
+def test_linen_layernorm_over_two_feature_axes():
+  norm = nn.LayerNorm(reduction_axes=(-2, -1), feature_axes=(-2, -1),
+                      param_dtype=jnp.float64)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3, 4), jnp.float64)
+  variables = norm.init(jax.random.PRNGKey(1), x)
+  params = jax.tree.map(lambda p: p + 0.3, variables["params"])
+  y, acts = sngd_jax.linen_capture(norm, {"params": params}, x)
+  assert acts["inputs"].shape == (2, 5, 12)
+  np.testing.assert_allclose(
+      acts["inputs"].reshape(y.shape) * params["scale"] + params["bias"], y,
+      atol=1e-12)
+  grads = jax.tree.map(jnp.ones_like, params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    one_update(params, grads, acts)
