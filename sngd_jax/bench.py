@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import importlib
 import importlib.metadata
 import json
@@ -34,12 +33,27 @@ from sngd_jax import peers as peer_runs
 
 # SNGD's options for every task: the library's defaults (statistics every 10
 # steps, inverses every 100, rank-32 Nystrom blocks past 512 inputs, KL clip
-# 0.1, weight sharing "reduce") plus momentum; only the learning rate is tuned.
+# 0.3, weight sharing "reduce") plus momentum; only the learning rate is tuned.
 SNGD_OPTIONS = dict(momentum=0.9)
 
 
-def _sngd(learning_rate, **task_options):
-  return sngd_jax.sngd(learning_rate, **{**SNGD_OPTIONS, **task_options})
+def _sngd_with(**options):
+  """SNGD's factory of the learning rate, with ``options`` beside SNGD_OPTIONS."""
+  return lambda learning_rate: sngd_jax.sngd(
+      learning_rate, **{**SNGD_OPTIONS, **options})
+
+
+def _is_sngd(name: str) -> bool:
+  return name == "sngd" or name.startswith("sngd(")
+
+
+def _optimizer(task: Task, name: str):
+  """The optimizer's factory of the learning rate, with the task's SNGD options."""
+  make_tx, _ = OPTIMIZERS[name]
+  if _is_sngd(name) and task.sngd_options:
+    return _sngd_with(**dict(task.sngd_options), **(
+        VARIANTS.get(name, {})))
+  return make_tx
 
 
 def _adam(learning_rate):
@@ -61,7 +75,7 @@ def _muon(learning_rate):
 # Each optimizer: a factory of the learning rate, and its grid (three points,
 # half a decade apart, around its usual value).
 OPTIMIZERS: dict[str, tuple[Callable[[float], optax.GradientTransformation], tuple[float, ...]]] = {
-    "sngd": (_sngd, (0.03, 0.1, 0.3)),
+    "sngd": (_sngd_with(), (0.03, 0.1, 0.3)),
     "adam": (_adam, (1e-3, 3e-3, 1e-2)),
     "sgd": (_sgd, (0.03, 0.1, 0.3)),
     "muon": (_muon, (3e-3, 1e-2, 3e-2)),
@@ -69,6 +83,8 @@ OPTIMIZERS: dict[str, tuple[Callable[[float], optax.GradientTransformation], tup
 }
 # Baselines that run only on the tasks that name them (Task.extra_optimizers).
 OPTIONAL = ("adamw",)
+# SNGD variants of this run (--sngd-variants): name -> their options.
+VARIANTS: dict[str, dict] = {}
 # Their step scales with the gradient (Adam's, Muon's and the peers' do not):
 # a task whose loss is a sum over outputs multiplies their grid by its lr_scale.
 GRADIENT_SCALED = ("sngd", "sgd")
@@ -91,7 +107,7 @@ class Task:
 
 
 def grid(task: Task, name: str) -> tuple[float, ...]:
-  scale = task.lr_scale if name in GRADIENT_SCALED else 1.0
+  scale = task.lr_scale if name in GRADIENT_SCALED or _is_sngd(name) else 1.0
   return tuple(float(f"{lr * scale:.3g}") for lr in OPTIMIZERS[name][1])
 
 
@@ -131,7 +147,7 @@ def tasks(suite: str, fast: bool) -> list[Task]:
     # A loss per character, averaged: every position is an example
     # (weight_sharing "expand", as the README's layer table says).
     out.append(Task("python-docs-lm", _cached(datasets.python_docs),
-                    models.Transformer, 32, epochs(2), 1.6,
+                    models.Transformer, 32, epochs(4), 1.5,
                     extra_optimizers=("adamw",),
                     sngd_options=(("weight_sharing", "expand"),)))
   return out
@@ -229,10 +245,7 @@ def train(task: Task, data: datasets.Dataset, optimizer: str, lr: float,
   one compiled program serves every learning rate of the grid.
   """
   model = task.model()
-  make_tx, _ = OPTIMIZERS[optimizer]
-  if optimizer == "sngd" and task.sngd_options:
-    make_tx = functools.partial(make_tx, **dict(task.sngd_options))
-  tx = optax.inject_hyperparams(make_tx)(learning_rate=lr)
+  tx = optax.inject_hyperparams(_optimizer(task, optimizer))(learning_rate=lr)
   if task.clip is not None:
     tx = optax.chain(optax.clip_by_global_norm(task.clip), tx)
   params = model.init(jax.random.PRNGKey(seed), data.x_train[:2])["params"]
@@ -241,7 +254,7 @@ def train(task: Task, data: datasets.Dataset, optimizer: str, lr: float,
   key = (task.name, optimizer, shape)
   compile_start = time.perf_counter()
   if key not in _COMPILED:
-    chunk, evaluate = make_chunk(task, model, tx, optimizer == "sngd")
+    chunk, evaluate = make_chunk(task, model, tx, _is_sngd(optimizer))
     chunk = chunk.lower(params, opt_state,
                         jax.ShapeDtypeStruct(shape + data.x_train.shape[1:], data.x_train.dtype),
                         jax.ShapeDtypeStruct(shape + data.y_train.shape[1:], jnp.int32)).compile()
@@ -261,7 +274,7 @@ def train(task: Task, data: datasets.Dataset, optimizer: str, lr: float,
                                     evaluate, seed, evals_per_epoch, progress)
   result.update(optimizer=optimizer, lr=lr, compile_s=compile_s,
                 state_bytes=sum(x.nbytes for x in jax.tree.leaves(opt_state)))
-  if optimizer == "sngd":
+  if _is_sngd(optimizer):
     injected = opt_state[-1] if task.clip is not None else opt_state
     sngd_state = injected.inner_state[0]
     result["faults"] = dict(stats=int(sngd_state.stats_faults),
@@ -385,6 +398,21 @@ def plot(task: Task, best: dict[str, dict], out: Path):
   return path
 
 
+def add_sngd_variant(spec: str) -> str:
+  """Registers SNGD with extra options, ``"kl_clip=1.0,stats_every=2"``; returns its name.
+
+  It runs beside the defaults, on the same grid and batches.
+  """
+  options = {}
+  for item in spec.split(","):
+    key, value = item.split("=")
+    options[key] = json.loads(value) if value[:1] in "0123456789-.[{tfn" else value
+  name = f"sngd({spec})"
+  VARIANTS[name] = options
+  OPTIMIZERS[name] = (_sngd_with(**options), OPTIMIZERS["sngd"][1])
+  return name
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--suite", choices=("default", "full"), default="default",
@@ -397,7 +425,11 @@ def main(argv=None):
   parser.add_argument("--optimizers", nargs="*", default=[*OPTIMIZERS, *peer_runs.PEERS],
                       help="kfac and psgd run only where `make peers` built their environments")
   parser.add_argument("--out", default="bench_out")
+  parser.add_argument("--sngd-variants", nargs="*", default=[],
+                      help="SNGD with other options beside the defaults, "
+                      "e.g. kl_clip=1.0,stats_every=2")
   args = parser.parse_args(argv)
+  args.optimizers += [add_sngd_variant(spec) for spec in args.sngd_variants]
 
   from tqdm.auto import tqdm
 

@@ -11,16 +11,17 @@ What each layer records (the transform reads ``inputs``/``outputs``):
 | layer                                | ``inputs``                                    | ``outputs``          |
 |--------------------------------------|-----------------------------------------------|----------------------|
 | Linear / Dense                       | ``x``                                          | ``h = x W + b``      |
-| LinearGeneral / DenseGeneral (one output axis, trailing input axes) | ``x`` with its input axes flattened | ``h`` |
-| Einsum as a dense map (``"btd,df->btf"``: contracts trailing input axes, one output axis) | ``x`` with the contracted axes flattened | ``h`` |
+| LinearGeneral / DenseGeneral (trailing input axes, any output axes: attention's q/k/v/out) | ``x`` with its input axes flattened | ``h`` with its output axes flattened |
+| Einsum as a dense map (``"btd,dnh->btnh"``: contracts trailing input axes, output axes last) | ``x`` with the contracted axes flattened | ``h`` flattened likewise |
 | Conv (strides, any padding, kernel and input dilation) | im2col patches ``(..., kh*kw*C_in)``, built lazily (``ConvInputs``) | ``h`` |
 | Conv with ``feature_group_count = G > 1`` (depthwise too) | patches ``(..., G, kh*kw*C_in/G)``: one block shared by the groups | none (``linear`` kind only) |
 | Embed                                | token ids                                      | none                 |
-| LayerNorm, BatchNorm, GroupNorm, RMSNorm | ``xhat = (y - bias) / scale`` (the normalized input) | none        |
+| Embed.attend (a tied output layer)   | ``attend``: the hidden states ``h`` it multiplies | none              |
+| LayerNorm, BatchNorm, GroupNorm, RMSNorm | ``xhat = (y - bias) / scale`` (the normalized input), feature axes last and flattened | none |
 
 Cells inside ``nnx.RNN``, ``nn.RNN``, ``nn.scan`` or any ``jax.lax.scan`` are
-captured at every step. LinearGeneral or Einsum with several output axes, and layers
-stacked over a scan (one kernel per step) are not: they get the plain
+captured at every step. Layers stacked over a scan (one kernel per step) and
+layers inside ``remat``/``jax.checkpoint`` are not: they get the plain
 gradient, and the transform's warning names them.
 """
 

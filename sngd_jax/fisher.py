@@ -13,7 +13,7 @@ last row for the bias when the layer has one (``x~ = [x; 1]``).
 | ``relu`` ...  | ``G_j = E[nu(h_j) x~ x~^T]`` per output unit ``j``              | ``(d_out, n, n)``           |
 | ``softmax``   | ``E[diag(eta) - eta eta^T]`` (x) ``E[x~ x~^T]`` (Kronecker of the two expectations) | ``(d_out, d_out)``, ``(n, n)`` |
 | ``affine``    | norm scale/shift: ``E[z_c z_c^T]``, ``z_c = [xhat_c; 1]`` per channel | ``(C, 2, 2)``         |
-| ``embedding`` | token frequency per row (a diagonal Fisher)                     | ``(vocab,)``                |
+| ``embedding`` | token frequency ``f_v`` per row; with ``attend``, plus ``E[h h^T]`` | ``(vocab,)``, ``(dim, dim)`` |
 
 Damping is always applied to the layer's block as a whole (for per-unit and
 Kronecker kinds, the layer's whole block-diagonal or Kronecker matrix):

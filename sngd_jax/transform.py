@@ -361,7 +361,7 @@ def scale_by_sngd(
     layer_fisher: PerLayer = "linear",
     solver: str = "cholesky",
     nystrom: Nystrom | None = Nystrom(),
-    kl_clip: float | None = 0.1,
+    kl_clip: float | None = 0.3,
     learning_rate: optax.ScalarOrSchedule = 1.0,
     weight_sharing: PerLayer = "reduce",
     output_axes: OutputAxes = None,
@@ -671,7 +671,7 @@ def sngd(
     layer_fisher: PerLayer = "linear",
     solver: str = "cholesky",
     nystrom: Nystrom | None = Nystrom(),
-    kl_clip: float | None = 0.1,
+    kl_clip: float | None = 0.3,
     weight_sharing: PerLayer = "reduce",
     output_axes: OutputAxes = None,
 ) -> optax.GradientTransformationExtraArgs:
