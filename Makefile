@@ -24,7 +24,7 @@ PEER_DEPS := flax mnist1d scikit-learn
 	.peers/psgd/bin/pip install --no-deps -e .
 	touch $@
 
-.PHONY: demo test bench-full peers
+.PHONY: demo test lint bench-full peers mutants
 demo: $(STAMP)
 	$(VENV)/bin/python -m sngd_jax.bench
 
@@ -33,5 +33,14 @@ peers: .peers/kfac/.installed .peers/psgd/.installed
 bench-full: $(STAMP) peers
 	$(VENV)/bin/python -m sngd_jax.bench --suite full
 
-test: $(STAMP)
+# Lint (ruff), types (mypy on the library), then the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint
 	$(VENV)/bin/python -m pytest -n 2 tests
+
+# Every deliberate bug in tests/mutants.py must fail a test (~15 min).
+mutants: $(STAMP)
+	$(VENV)/bin/python tests/mutants.py

@@ -17,8 +17,9 @@ import math
 
 import numpy as np
 
-from sngd_jax import bench, models
-from sngd_jax import data as datasets
+from sngd_jax.bench import data as datasets
+from sngd_jax.bench import harness as bench
+from sngd_jax.bench import models
 
 GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 

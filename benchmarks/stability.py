@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 import sngd_jax
-from sngd_jax import data, models
+from sngd_jax.bench import data, models
 
 
 def main():

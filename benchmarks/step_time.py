@@ -11,12 +11,12 @@ included at their default intervals.
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 import sngd_jax
-from sngd_jax import bench, models
+from sngd_jax.bench import harness as bench
+from sngd_jax.bench import models
 
 MODELS = {
     "mlp 784-80-80-80-10": (lambda: models.MLP((80, 80, 80)), (28, 28)),

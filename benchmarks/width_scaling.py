@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import optax
 
 import sngd_jax
-from sngd_jax import bench, models
+from sngd_jax.bench import harness as bench
+from sngd_jax.bench import models
 
 AMORTIZED = dict(momentum=0.9, ema_decay=0.9, stats_every=10, inverse_every=50)
 

@@ -124,7 +124,7 @@ class _ConvGeometry:
       return None
     return cls(kernel_size, strides, dilation,
                _tuple(layer.input_dilation, spatial),
-               tuple(tuple(int(p) for p in pad) for pad in padding[0]),
+               tuple((int(low), int(high)) for low, high in padding[0]),
                padding[1], layer.feature_group_count)
 
   def shape(self, shape):

@@ -8,7 +8,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +19,9 @@ from sngd_jax import fisher, linalg
 
 # A per-layer option: one value, a mapping from glob patterns of layer paths to
 # values, or a callable from the path to a value.
-PerLayer = Union[str, Mapping[str, str], Callable[[str], str]]
+PerLayer = str | Mapping[str, str] | Callable[[str], str]
 # How many trailing kernel axes are outputs, per layer (None: inferred).
-OutputAxes = Union[None, int, Mapping[str, int], Callable[[str], Union[int, None]]]
+OutputAxes = None | int | Mapping[str, int] | Callable[[str], int | None]
 WEIGHT_SHARING = ("reduce", "expand")
 
 
@@ -47,7 +47,7 @@ class Nystrom:
 class ScaleBySNGDState(NamedTuple):
   """State of :func:`scale_by_sngd`. Dicts are keyed by the layer's path ``"a/b/0"``."""
 
-  count: jax.Array  # int32 (): steps taken.
+  count: jax.Array  # type: ignore[assignment]  # int32 (): steps taken.
   stats_weight: jax.Array  # float (): 1 - ema_decay^k after k statistics updates.
   stats: dict[str, Any]  # Zero-started EMA local Fisher per layer; shapes in ``sngd_jax.fisher``.
   preconditioners: dict[str, Any]  # Damped inverse per layer, refreshed every ``inverse_every``.
@@ -453,7 +453,7 @@ def scale_by_sngd(
   """
   _validate(ema_decay, damping, relative_damping, stats_every, inverse_every,
             layer_fisher, solver, nystrom)
-  if _is_number(kl_clip) and kl_clip <= 0:
+  if kl_clip is not None and kl_clip <= 0:
     raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip}")
   _validate_per_layer("weight_sharing", weight_sharing, WEIGHT_SHARING)
 
@@ -706,6 +706,7 @@ def sngd(
   """
   # Heavy-ball momentum takes steps of learning_rate / (1 - momentum) along a
   # steady direction: that is the step the KL clip must bound.
+  clip_rate: optax.ScalarOrSchedule
   if learning_rate is None:
     clip_rate = 1.0
   elif callable(learning_rate):

@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def mlp_params(key, sizes, dtype=jnp.float64):

@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from helpers import blobs, loss_and_acts, mlp_params
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import sngd_jax
-from helpers import blobs, loss_and_acts, mlp_params
 
 assert jax.device_count() == 8, jax.devices()
 params = mlp_params(jax.random.PRNGKey(0), [16, 32, 8], jnp.float32)

@@ -2,7 +2,7 @@
 
 import json
 
-from sngd_jax import bench
+from sngd_jax.bench import harness as bench
 
 
 def test_bench_smoke_writes_tables_plots_and_json(tmp_path, capsys):

@@ -3,9 +3,9 @@
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import mlp_forward, mlp_params
 
 import sngd_jax
-from helpers import mlp_forward, mlp_params
 
 
 @pytest.fixture

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import cross_entropy, mlp_forward, mlp_params
 
 import sngd_jax
-from helpers import cross_entropy, mlp_forward, mlp_params
 
 DAMPING, RELATIVE = 1e-3, 1e-2
 # The bare formula: one batch's statistic (no EMA), inverted at once, exact

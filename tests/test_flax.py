@@ -7,9 +7,9 @@ import optax
 import pytest
 from flax import linen as nn
 from flax import nnx
+from test_exact_ngd import FORMULA, damp, with_ones
 
 import sngd_jax
-from test_exact_ngd import FORMULA, damp, with_ones
 
 # Every use a row of one mean: these tests check the rows that capture gives.
 EXACT = dict(FORMULA, weight_sharing="expand")

@@ -3,9 +3,9 @@
 import jax
 import numpy as np
 import optax
+from helpers import blobs, mlp_params, train
 
 import sngd_jax
-from helpers import blobs, mlp_params, train
 
 GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 

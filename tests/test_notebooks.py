@@ -1,6 +1,5 @@
 """The notebooks run top to bottom in their small setting (as CI does)."""
 
-import os
 import time
 from pathlib import Path
 

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from helpers import blobs, loss_and_acts, mlp_params
 
 import sngd_jax
-from helpers import blobs, loss_and_acts, mlp_params
 
 
 def setup():
@@ -56,7 +56,7 @@ def test_schedule_and_clipping():
   tx = optax.chain(optax.clip_by_global_norm(1e-3), sngd_jax.sngd(schedule))
   state = tx.init(params)
   clipped = optax.clip_by_global_norm(1e-3).update(grads, None)[0]
-  for step in range(2):
+  for _ in range(2):
     updates, state = tx.update(grads, state, params, activations=acts)
   # step 1: lr 0.075; the statistic was updated twice with the same batch.
   tx2 = sngd_jax.scale_by_sngd()

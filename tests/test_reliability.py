@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings, strategies as st
+from helpers import blobs, loss_and_acts, mlp_forward, mlp_params
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sngd_jax
-from helpers import blobs, loss_and_acts, mlp_forward, mlp_params
 
 
 def fresh(dtype=jnp.float32, **options):

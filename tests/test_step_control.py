@@ -6,9 +6,9 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
+from helpers import blobs, loss_and_acts, mlp_params
 
 import sngd_jax
-from helpers import blobs, loss_and_acts, mlp_params
 from sngd_jax import linalg
 
 LEARNING_RATES = (0.01, 0.03, 0.1, 0.3, 1.0)

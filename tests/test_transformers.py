@@ -14,10 +14,10 @@ import optax
 import pytest
 from flax import linen as nn
 from flax import nnx
-
-import sngd_jax
 from test_exact_ngd import DAMPING, RELATIVE
 from test_flax import one_update
+
+import sngd_jax
 
 
 def jacobian_fisher(f, params):

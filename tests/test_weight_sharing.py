@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_exact_ngd import FORMULA, damp
 
 import sngd_jax
-from test_exact_ngd import FORMULA, damp
 
 
 def exact_ngd(model, params, examples, grads):

@@ -18,8 +18,9 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +28,9 @@ import numpy as np
 import optax
 
 import sngd_jax
-from sngd_jax import data as datasets
-from sngd_jax import models
-from sngd_jax import peers as peer_runs
+from sngd_jax.bench import data as datasets
+from sngd_jax.bench import models
+from sngd_jax.bench import peers as peer_runs
 
 # SNGD's options for every task: the library's defaults (statistics every 10
 # steps, inverses every 100, rank-32 Nystrom blocks past 512 inputs, KL clip
@@ -94,7 +95,7 @@ GRADIENT_SCALED = ("sngd", "sgd")
 class Task:
   name: str
   dataset: Callable[[], datasets.Dataset]
-  model: Callable[[], object]
+  model: Callable[[], Any]
   batch_size: int
   epochs: int
   target: float  # train loss to reach
@@ -229,8 +230,8 @@ def make_evaluate(task, model):
 def _evaluate_in_batches(evaluate, params, x, y, size=5000):
   losses, accs, weights = [], [], []
   for i in range(0, len(x), size):
-    l, a = evaluate(params, x[i:i + size], y[i:i + size])
-    losses.append(float(l)), accs.append(float(a)), weights.append(len(x[i:i + size]))
+    loss, accuracy = evaluate(params, x[i:i + size], y[i:i + size])
+    losses.append(float(loss)), accs.append(float(accuracy)), weights.append(len(x[i:i + size]))
   return float(np.average(losses, weights=weights)), float(np.average(accs, weights=weights))
 
 

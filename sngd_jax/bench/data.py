@@ -123,7 +123,6 @@ def python_docs(context: int = 64, val_fraction: float = 0.05,
   dataset's name carries it.
   """
   import sys
-
   from pydoc_data.topics import topics
 
   text = "".join(topics[key] for key in sorted(topics))

@@ -1,3 +1,0 @@
-from sngd_jax.bench import main
-
-main()

@@ -1,0 +1,3 @@
+from sngd_jax.bench.harness import main
+
+main()
