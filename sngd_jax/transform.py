@@ -453,7 +453,7 @@ def scale_by_sngd(
   """
   _validate(ema_decay, damping, relative_damping, stats_every, inverse_every,
             layer_fisher, solver, nystrom)
-  if kl_clip is not None and kl_clip <= 0:
+  if isinstance(kl_clip, (int, float)) and kl_clip <= 0:  # not traced
     raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip}")
   _validate_per_layer("weight_sharing", weight_sharing, WEIGHT_SHARING)
 
@@ -530,7 +530,11 @@ def scale_by_sngd(
         faults += fault.astype(jnp.int32)
       return out, faults
 
-    take_stats = count % stats_every == 0
+    # A young EMA (weight below 0.9, its first ~2/(1 - ema_decay) updates)
+    # takes a statistic every step and is refreshed every stats_every steps:
+    # the warm-up lasts that many steps, not that many intervals.
+    young = state.stats_weight < 0.9
+    take_stats = (count % stats_every == 0) | young
     fresh_stats, stat_faults = jax.lax.cond(
         take_stats, all_statistics,
         lambda: ({path: state.stats[path] for path in active},
@@ -544,7 +548,8 @@ def scale_by_sngd(
                        ema_decay * state.stats_weight + (1 - ema_decay),
                        state.stats_weight).astype(state.stats_weight.dtype)
     warm_damping = (relative_damping + 1 - weight) / jnp.maximum(weight, 1e-30)
-    refresh = (count % inverse_every == 0) & (weight > 0)
+    refresh = ((count % inverse_every == 0)
+               | (young & (count % stats_every == 0))) & (weight > 0)
     # Refreshes keep a cond per layer: one cond around all of them (each with
     # its retry cond inside) deadlocks XLA:CPU's concurrent scheduler
     # (jax 0.10.2).
