@@ -592,6 +592,9 @@ def _linen_kinds():
 def linen_capture(module, variables, *args, **kwargs) -> tuple[Any, dict]:
   """``module.apply(variables, *args, **kwargs)`` plus the activations.
 
+  ``module`` is the linen module, or its bound ``apply`` (a ``TrainState``'s
+  ``apply_fn``).
+
   Returns ``(apply's result, activations)``; ``activations`` mirrors
   ``variables["params"]``. Keyword arguments go to ``apply`` (``mutable=``,
   ``rngs=``, ``method=``...).
@@ -607,6 +610,9 @@ def linen_capture(module, variables, *args, **kwargs) -> tuple[Any, dict]:
   """
   from flax import linen as nn
 
+  if not isinstance(module, nn.Module) and isinstance(
+      getattr(module, "__self__", None), nn.Module):
+    module = module.__self__  # ``state.apply_fn``: the bound ``model.apply``
   kinds = _linen_kinds()
 
   def interceptor(next_fun, call_args, call_kwargs, context):

@@ -70,11 +70,43 @@ def features(x, n, dtype):
   x = rows(x, dtype)
   if x.shape[1] == n:
     return x
-  return jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
+  # ones_like keeps x's sharding (explicit-sharding meshes require it).
+  return jnp.concatenate([x, jnp.ones_like(x[:, :1])], axis=1)
+
+
+def _explicitly_sharded(x) -> bool:
+  """Whether an explicit-sharding mesh (``jax.make_mesh``'s default) splits ``x``."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  explicit = jax.sharding.AxisType.Explicit in getattr(mesh, "axis_types", ())
+  return bool(explicit and sharding is not None and any(sharding.spec))
+
+
+def _replicated(x):
+  """``x`` gathered onto every device where an explicit mesh splits it.
+
+  A scatter into a replicated table needs replicated indices there; elsewhere
+  (Auto axes, no mesh) ``x`` is returned as it is.
+  """
+  if _explicitly_sharded(x):
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+  return x
+
+
+def batch_mean(spec: str, *operands):
+  """``einsum(spec, ...) / N`` over the rows ``n`` (the examples, maybe sharded).
+
+  The statistic is one mean over the whole batch: replicated, also where an
+  explicit mesh shards the rows (it must be told so).
+  """
+  replicated = any(_explicitly_sharded(x) for x in operands)
+  out = jnp.einsum(spec, *operands, out_sharding=(
+      jax.sharding.PartitionSpec() if replicated else None))
+  return out / operands[0].shape[0]
 
 
 def second_moment(xt):
-  return xt.T @ xt / xt.shape[0]
+  return batch_mean("ni,nj->ij", xt, xt)
 
 
 def _vmapped_inverse(stats, damping, relative_damping, solver):
@@ -182,7 +214,7 @@ class NystromLinear(_Block):
 
   def statistic(self, entry, dtype):
     xt = features(_materialized(entry["inputs"]), self.n, dtype)
-    return {"columns": xt.T @ xt[:, np.array(self.columns)] / xt.shape[0],
+    return {"columns": batch_mean("ni,nj->ij", xt, xt[:, np.array(self.columns)]),
             "diagonal": jnp.mean(xt * xt, axis=0)}
 
   def refresh(self, stats, damping, relative_damping, solver):
@@ -226,7 +258,7 @@ class PerUnit(_UnitBlocks):
   def statistic(self, entry, dtype):
     xt = features(_materialized(entry["inputs"]), self.n, dtype)
     weights = self.nu(rows(entry["outputs"], dtype))
-    return jnp.einsum("nj,ni,nk->jik", weights, xt, xt) / xt.shape[0]
+    return batch_mean("nj,ni,nk->jik", weights, xt, xt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +283,7 @@ class Softmax(_Block):
   def statistic(self, entry, dtype):
     xt = features(_materialized(entry["inputs"]), self.n, dtype)
     eta = jax.nn.softmax(rows(entry["outputs"], dtype), axis=-1)
-    output = jnp.diag(jnp.mean(eta, axis=0)) - eta.T @ eta / eta.shape[0]
+    output = jnp.diag(jnp.mean(eta, axis=0)) - second_moment(eta)
     return {"output": output, "input": second_moment(xt)}
 
   def refresh(self, stats, damping, relative_damping, solver):
@@ -285,7 +317,7 @@ class Affine(_UnitBlocks):
     if self.n > len(parts):
       parts.append(jnp.ones_like(xhat))
     z = jnp.stack(parts, axis=-1)  # (N, C, n)
-    return jnp.einsum("ncj,nck->cjk", z, z) / z.shape[0]
+    return batch_mean("ncj,nck->cjk", z, z)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,7 +343,7 @@ class Embedding(_Block):
   def statistic(self, entry, dtype):
     counts = jnp.zeros((self.vocab,), dtype)
     if "inputs" in entry:
-      ids = jnp.reshape(entry["inputs"], (-1,))
+      ids = jnp.reshape(_replicated(entry["inputs"]), (-1,))
       counts = counts.at[ids].add(jnp.asarray(1.0 / ids.shape[0], dtype))
     hidden = jnp.zeros((self.dim, self.dim), dtype)
     if "attend" in entry:
@@ -341,7 +373,7 @@ class Embedding(_Block):
         # Rows no captured lookup used in this batch whose gradient is not
         # zero come from a use the capture did not see (the table multiplied
         # by hand, say): they keep the plain gradient, never 1/damping times it.
-        ids = jnp.reshape(entry["inputs"], (-1,))
+        ids = jnp.reshape(_replicated(entry["inputs"]), (-1,))
         seen = jnp.zeros((self.vocab,), bool).at[ids].set(True)
         direction = jnp.where(seen[:, None], direction, g)
       return direction

@@ -6,6 +6,8 @@ import dataclasses
 import fnmatch
 import math
 import numbers
+import sys
+import types
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -160,28 +162,43 @@ def plan_layers(tree, layer_fisher, nystrom, output_axes=None):
   table, or of ``scale``/``bias`` without a kernel (normalization layers).
 
   Returns:
-    ``(layers, passthrough, opted_out)``: the layers; the paths of the leaves
-    that belong to none and pass through unchanged; the paths of the modules
-    that ``layer_fisher`` maps to ``"none"`` (their activations are ignored).
+    ``(layers, passthrough, ignored)``: the layers; the paths of the leaves
+    that belong to none and pass through unchanged; whether a module path's
+    activations are ignored (``layer_fisher`` maps it to ``"none"``, or
+    another transform owns it under ``optax.masked``/``multi_transform``).
   """
   leaves_with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
   modules: dict[tuple[str, ...], dict[str, tuple[int, Any]]] = {}
   for index, (path, leaf) in enumerate(leaves_with_path):
     names = path_tuple(path)
     modules.setdefault(names[:-1], {})[names[-1] if names else ""] = (index, leaf)
+  # Under optax.masked / multi_transform what another transform owns is a
+  # MaskedNode: a whole subtree (a module or more) or one leaf of a module.
+  masked = [path_tuple(path) for path, leaf in
+            jax.tree_util.tree_flatten_with_path(
+                tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
+            if isinstance(leaf, optax.MaskedNode)]
+  opted_out: set[tuple[str, ...]] = set()
 
-  layers, claimed, opted_out = [], set(), set()
+  def ignored(path: str) -> bool:
+    names = tuple(path.split("/")) if path else ()
+    return names in opted_out or any(
+        names[:len(m)] == m or names == m[:-1] for m in masked)
+
+  layers, claimed = [], set()
   for module_path, children in modules.items():
     path = path_str(module_path)
+    if ignored(path):
+      continue  # partly masked: its other leaves get the plain gradient
     layer = _module_layer(path, children, layer_fisher, nystrom, output_axes)
     if layer is None:
-      opted_out.add(path)
+      opted_out.add(module_path)
     else:
       layers.append(layer)
       claimed.update(index for index, _, _ in layer.leaves)
   passthrough = [path_str(path_tuple(p)) for i, (p, _) in
                  enumerate(leaves_with_path) if i not in claimed]
-  return layers, passthrough, opted_out
+  return layers, passthrough, ignored
 
 
 def _module_layer(path, children, layer_fisher, nystrom, output_axes):
@@ -315,6 +332,37 @@ def _validate_per_layer(name, option, values):
                          f"{values}")
 
 
+_LIBRARIES = ("sngd_jax", "optax", "jax", "flax", "chex")
+
+
+def _user_stacklevel() -> int:
+  """The ``stacklevel`` of the first caller outside sngd_jax, Optax, JAX and Flax.
+
+  A warning raised while ``tx.update`` is traced (inside ``jit``, an Optax
+  chain, ``nnx.Optimizer``) then points at the user's line.
+  """
+  frame: types.FrameType | None = sys._getframe(1)
+  level = 1
+  while frame is not None and str(frame.f_globals.get("__name__", "")).split(
+      ".")[0] in _LIBRARIES:
+    frame, level = frame.f_back, level + 1
+  return level
+
+
+def _warn_unmatched(params, **options):
+  """Warns about glob patterns of per-layer options that name no module."""
+  modules = {path_str(path_tuple(path)[:-1]) for path, _ in
+             jax.tree_util.tree_flatten_with_path(params)[0]}
+  for name, option in options.items():
+    if not isinstance(option, Mapping):
+      continue
+    for pattern in option:
+      if not any(fnmatch.fnmatchcase(module, pattern) for module in modules):
+        warnings.warn(f"sngd: {name} pattern {pattern!r} matches no layer; "
+                      f"layers: {sorted(modules)}",
+                      stacklevel=_user_stacklevel())
+
+
 def _validate(ema_decay, damping, relative_damping, stats_every, inverse_every,
               layer_fisher, solver, nystrom):
   if _is_number(ema_decay) and not 0.0 <= ema_decay < 1.0:
@@ -330,8 +378,19 @@ def _validate(ema_decay, damping, relative_damping, stats_every, inverse_every,
                      "dimension")
   for name, value in (("stats_every", stats_every),
                       ("inverse_every", inverse_every)):
-    if _is_number(value) and (value < 1 or int(value) != value):
-      raise ValueError(f"{name} must be an integer >= 1, got {value}")
+    if isinstance(value, bool) or (
+        _is_number(value) and (value < 1 or int(value) != value)):
+      raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+  for name, value in (("ema_decay", ema_decay), ("damping", damping),
+                      ("relative_damping", relative_damping)):
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and (
+        jnp.finfo(dtype).bits < 32):
+      raise ValueError(
+          f"{name} arrived as {dtype} (optax.inject_hyperparams stores "
+          "hyperparameters in the params' dtype; ema_decay 0.999 rounds to 1 "
+          "in bfloat16): pass optax.inject_hyperparams(sngd_jax.sngd, "
+          "hyperparam_dtype=jnp.float32)")
   if solver not in linalg.SOLVERS:
     raise ValueError(f"solver must be one of {linalg.SOLVERS}, got {solver!r}")
   _validate_per_layer("layer_fisher", layer_fisher, fisher.KINDS)
@@ -365,6 +424,7 @@ def scale_by_sngd(
     learning_rate: optax.ScalarOrSchedule = 1.0,
     weight_sharing: PerLayer = "reduce",
     output_axes: OutputAxes = None,
+    axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with the damped inverse local Fisher of each layer.
 
@@ -394,7 +454,9 @@ def scale_by_sngd(
     damping: absolute damping added to every block's diagonal.
     relative_damping: damping relative to the block's mean eigenvalue: the
       block applied is ``G + (damping + relative_damping * trace(G)/dim) I``.
-    stats_every: update the statistics every this many steps.
+    stats_every: update the statistics every this many steps (every step,
+      with a refresh every ``stats_every`` steps, while the EMA's weight is
+      below 0.9).
     inverse_every: refresh the inverses every this many steps (on step 0 too).
     layer_fisher: the local Fisher of dense and convolution layers:
       ``"linear"`` (one ``E[x~ x~^T]`` block shared by the output units),
@@ -433,6 +495,10 @@ def scale_by_sngd(
       ``(heads, head_dim, d_model)``). Bias-free multi-output kernels need it:
       ``output_axes={"*/query": 2, "*/key": 2, "*/value": 2}``. An int, a
       mapping from glob patterns, or a callable of the path (None: inferred).
+    axis_name: under ``jax.pmap`` (or ``shard_map``), the mapped axis whose
+      devices each see a shard of the batch: the statistics are averaged over
+      it (``jax.lax.pmean``), so every device holds the same state. Not needed
+      with ``jax.jit`` and sharded arrays, where the batch mean is global.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -469,6 +535,8 @@ def scale_by_sngd(
 
   def init_fn(params):
     layers, _, _ = plan(params)
+    _warn_unmatched(params, layer_fisher=layer_fisher,
+                    weight_sharing=weight_sharing, output_axes=output_axes)
     leaves = jax.tree.leaves(params)
     stats, preconditioners = {}, {}
     for layer in layers:
@@ -495,21 +563,24 @@ def scale_by_sngd(
       raise ValueError("scale_by_sngd needs activations=...: the inputs and "
                        "outputs of each layer in this forward pass "
                        "(sngd_jax.nnx_capture / linen_capture build them)")
-    layers, passthrough, opted_out = plan(updates)
+    layers, passthrough, ignored = plan(updates)
     by_path = {layer.path: layer for layer in layers}
     entries = {path: entry for path, entry in
                flatten_activations(activations).items()
-               if path not in opted_out}
+               if not ignored(path)}
     for path in entries:
       if path not in by_path:
         raise ValueError(f"activations has an entry at {path!r} but params "
                          f"have no preconditioned layer there; layers: "
                          f"{sorted(by_path)}")
-    unused = [layer.path for layer in layers if layer.path not in entries]
+    unused = [f"{layer.path}/{name}" if layer.path else name
+              for layer in layers if layer.path not in entries
+              for _, name, _ in layer.leaves]
     if passthrough or unused:
       warnings.warn("sngd: these parameters get the plain gradient (no "
                     f"activations or no local Fisher for them): "
-                    f"{passthrough + unused}", stacklevel=2)
+                    f"{sorted(passthrough + unused)}",
+                    stacklevel=_user_stacklevel())
     for path, entry in entries.items():
       _check_entry(by_path[path], entry)
 
@@ -526,7 +597,7 @@ def scale_by_sngd(
         with jax.named_scope(f"sngd/{path}"):
           out[path], fault = _statistic_ema(
               layer, entries[path], state.stats[path], ema_decay,
-              sharing(path) == "reduce")
+              sharing(path) == "reduce", axis_name)
         faults += fault.astype(jnp.int32)
       return out, faults
 
@@ -588,7 +659,7 @@ def scale_by_sngd(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _statistic_ema(layer, entry, old, ema_decay, reduce):
+def _statistic_ema(layer, entry, old, ema_decay, reduce, axis_name=None):
   """EMA of the layer's statistic; a non-finite batch statistic is skipped.
 
   With ``reduce`` (one loss per example) the statistic sums over the uses of
@@ -602,6 +673,8 @@ def _statistic_ema(layer, entry, old, ema_decay, reduce):
     if reduce:
       stat = layer.block.scaled(stat, entry)
     stat = jax.tree.map(lambda s, o: s.astype(o.dtype), stat, old)
+    if axis_name is not None:  # each device saw a shard of the batch
+      stat = jax.lax.pmean(stat, axis_name)
     ok = _all_finite(stat)
     ema = jax.tree.map(lambda o, s: ema_decay * o + (1 - ema_decay) * s,
                        old, stat)
@@ -664,9 +737,9 @@ def _write_back(layer: Layer, out, leaves: list):
 def sngd(
     learning_rate: optax.ScalarOrSchedule | None = None,
     *,
-    momentum: float = 0.0,
+    momentum: float | None = None,
     nesterov: bool = False,
-    weight_decay: float = 0.0,
+    weight_decay: float | None = None,
     weight_decay_mask: Any = None,
     ema_decay: float = 0.95,
     damping: float = 1e-4,
@@ -679,6 +752,7 @@ def sngd(
     kl_clip: float | None = 0.3,
     weight_sharing: PerLayer = "reduce",
     output_axes: OutputAxes = None,
+    axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SNGD: the preconditioner alone, or the complete optimizer.
 
@@ -691,12 +765,14 @@ def sngd(
 
   Args:
     learning_rate: a float or schedule; ``None`` returns a direction.
-    momentum: momentum decay (``optax.trace``); 0 for none.
+    momentum: momentum decay (``optax.trace``); None or 0 for none (None
+      stays static under ``optax.inject_hyperparams``, so no buffer is made).
     nesterov: Nesterov momentum.
-    weight_decay: decoupled weight decay; 0 for none.
+    weight_decay: decoupled weight decay; None or 0 for none.
     weight_decay_mask: ``optax.add_decayed_weights``' mask.
     ema_decay, damping, relative_damping, stats_every, inverse_every,
-    layer_fisher, solver, nystrom, kl_clip, weight_sharing, output_axes: see
+    layer_fisher, solver, nystrom, kl_clip, weight_sharing, output_axes,
+    axis_name: see
       :func:`scale_by_sngd`. ``kl_clip`` bounds the step heavy-ball momentum
       takes along a steady direction, ``learning_rate / (1 - momentum)``.
 
@@ -712,21 +788,22 @@ def sngd(
   # Heavy-ball momentum takes steps of learning_rate / (1 - momentum) along a
   # steady direction: that is the step the KL clip must bound.
   clip_rate: optax.ScalarOrSchedule
+  decay = 0.0 if momentum is None else momentum
   if learning_rate is None:
     clip_rate = 1.0
   elif callable(learning_rate):
-    clip_rate = lambda count: learning_rate(count) / (1 - momentum)
+    clip_rate = lambda count: learning_rate(count) / (1 - decay)
   else:
-    clip_rate = learning_rate / (1 - momentum)
+    clip_rate = learning_rate / (1 - decay)
   parts = [scale_by_sngd(
       ema_decay=ema_decay, damping=damping, relative_damping=relative_damping,
       stats_every=stats_every, inverse_every=inverse_every,
       layer_fisher=layer_fisher, solver=solver, nystrom=nystrom,
       kl_clip=kl_clip, learning_rate=clip_rate, weight_sharing=weight_sharing,
-      output_axes=output_axes)]
-  if not (_is_number(weight_decay) and weight_decay == 0):
+      output_axes=output_axes, axis_name=axis_name)]
+  if not (weight_decay is None or _is_number(weight_decay) and weight_decay == 0):
     parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
-  if not (_is_number(momentum) and momentum == 0):
+  if not (momentum is None or _is_number(momentum) and momentum == 0):
     parts.append(optax.trace(decay=momentum, nesterov=nesterov))
   if learning_rate is not None:
     parts.append(optax.scale_by_learning_rate(learning_rate))

@@ -52,6 +52,64 @@ param_sharded = train(by_output, jax.device_put(x, replicated),
                       jax.device_put(labels, replicated), jax.jit(step))
 
 
+# pmap (Flax's ImageNet pattern): replicated state, a batch shard per device,
+# gradients and (axis_name) statistics averaged across devices.
+tx_pmap = sngd_jax.sngd(0.1, momentum=0.9, inverse_every=2,
+                        layer_fisher={"layer0": "relu", "*": "linear"},
+                        axis_name="data")
+
+
+def pmap_step(params, state, x, labels):
+  (loss, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(
+      params, x, labels)
+  grads = jax.lax.pmean(grads, "data")
+  updates, state = tx_pmap.update(grads, state, params, activations=acts)
+  return optax.apply_updates(params, updates), state
+
+
+stack = lambda tree: jax.tree.map(lambda a: jnp.stack([a] * 8), tree)
+pmapped = jax.pmap(pmap_step, axis_name="data")
+replicas = (stack(params), stack(tx_pmap.init(params)))
+for _ in range(6):
+  replicas = pmapped(*replicas, x.reshape(8, 8, -1), labels.reshape(8, 8))
+pmap_params = replicas[0]
+pmap_spread = max(float(jnp.max(jnp.abs(leaf - leaf[0])))
+                  for leaf in jax.tree.leaves(pmap_params))
+
+
+# An explicit-sharding mesh (jax.make_mesh's default axis type): an embedding
+# (a scatter of sharded token ids) and dense layers, batch sharded.
+explicit_mesh = jax.make_mesh((8,), ("data",),
+                              axis_types=(jax.sharding.AxisType.Explicit,))
+table = {"embed": {"embedding": jax.random.normal(jax.random.PRNGKey(2), (10, 16))},
+         **params}
+ids = jax.random.randint(jax.random.PRNGKey(3), (64, 5), 0, 10)
+
+
+def embedded_loss(params, ids, labels):
+  # One-hot product: user code under explicit sharding avoids the gather.
+  e = (jax.nn.one_hot(ids, 10) @ params["embed"]["embedding"]).mean(1)
+  loss, acts = loss_and_acts({k: v for k, v in params.items() if k != "embed"},
+                             e, labels)
+  return loss, {**acts, "embed": {"inputs": ids}}
+
+
+def embedded_step(params, state, ids, labels):
+  (loss, acts), grads = jax.value_and_grad(embedded_loss, has_aux=True)(
+      params, ids, labels)
+  updates, state = tx.update(grads, state, params, activations=acts)
+  return optax.apply_updates(params, updates), state, loss
+
+
+explicit_single = train(table, ids, labels, jax.jit(embedded_step))
+with jax.set_mesh(explicit_mesh):
+  explicit = train(
+      jax.device_put(table, NamedSharding(explicit_mesh, P())),
+      jax.device_put(ids, NamedSharding(explicit_mesh, P("data"))),
+      jax.device_put(labels, NamedSharding(explicit_mesh, P("data"))),
+      jax.jit(embedded_step))
+
+
 def rel(a, b):
   return max(float(jnp.linalg.norm(np.asarray(u) - np.asarray(v)) / jnp.linalg.norm(np.asarray(v)))
              for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
@@ -61,6 +119,9 @@ kernel = param_sharded["layer0"]["kernel"]
 print(json.dumps({
     "data_parallel": rel(data_parallel, single),
     "param_sharded": rel(param_sharded, single),
+    "pmap": rel(jax.tree.map(lambda a: a[0], pmap_params), single),
+    "explicit_mesh": rel(explicit, explicit_single),
+    "pmap_spread": pmap_spread,
     "kernel_sharding": list(kernel.sharding.spec),
     "batch_devices": len(data_parallel["layer0"]["kernel"].sharding.device_set),
 }))

@@ -121,8 +121,12 @@ def test_unpreconditioned_parameters_are_named_once(setup):
   del acts["encoder"]["layer1"]
   params["encoder"]["temperature"] = jnp.ones(())
   grads["encoder"]["temperature"] = jnp.ones(())
-  with pytest.warns(UserWarning, match="encoder/temperature.*encoder/layer1"):
-    updates, _ = tx.update(grads, state, params, activations=acts)
+  # Parameter paths throughout, and the warning points at this call.
+  with pytest.warns(UserWarning, match=r"\['encoder/layer1/bias', "
+                    r"'encoder/layer1/kernel', 'encoder/temperature'\]") as record:
+    updates, _ = jax.jit(lambda g, s: tx.update(g, s, params, activations=acts))(
+        grads, state)
+  assert record[0].filename == __file__
   assert float(updates["encoder"]["temperature"]) == pytest.approx(-0.1)
 
 

@@ -468,3 +468,18 @@ def test_a_model_that_is_one_layer_gets_its_entry_at_the_root():
   tx = sngd_jax.sngd(0.1)
   updates, _ = tx.update(params, tx.init(params), params, activations=acts)
   assert updates["kernel"].dtype == jnp.float32
+
+
+def test_linen_capture_takes_a_train_states_apply_fn():
+  from flax.training import train_state
+
+  model = LinenCNN()
+  images, _, _ = cnn_batch()
+  variables = model.init(jax.random.PRNGKey(0), images)
+  state = train_state.TrainState.create(
+      apply_fn=model.apply, params=variables["params"], tx=optax.sgd(0.1))
+  y, acts = sngd_jax.linen_capture(state.apply_fn, {"params": state.params},
+                                   images)
+  y_ref, acts_ref = sngd_jax.linen_capture(model, variables, images)
+  np.testing.assert_array_equal(y, y_ref)
+  assert sorted(acts) == sorted(acts_ref) == ["Conv_0", "Dense_0", "LayerNorm_0"]

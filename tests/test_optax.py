@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from helpers import blobs, loss_and_acts, mlp_params
 
 import sngd_jax
@@ -137,3 +138,53 @@ def test_state_survives_jit_and_steps_do_not_recompile():
   assert isinstance(state[0], sngd_jax.ScaleBySNGDState)
   assert int(state[0].count) == 5
   assert_tree_close(params, eager_params, rtol=1e-6)
+
+
+def test_multi_transform_and_masked_take_the_full_activations():
+  params, acts, grads = setup()
+  labels = {"layer0": "sngd", "layer1": "adam"}
+  tx = optax.multi_transform({"sngd": sngd_jax.sngd(0.1), "adam": optax.adam(1e-3)},
+                             {k: jax.tree.map(lambda _, v=v: v, params[k])
+                              for k, v in labels.items()})
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  # layer0: SNGD on its own; layer1: Adam on its own.
+  alone = {"layer0": params["layer0"]}
+  expected = jax.tree.map(lambda d: -0.1 * d, direction(
+      alone, {"layer0": acts["layer0"]}, {"layer0": grads["layer0"]},
+      learning_rate=0.1))
+  assert_tree_close(updates["layer0"], expected["layer0"], rtol=1e-6)
+  adam = optax.adam(1e-3)
+  expected_adam, _ = adam.update(grads["layer1"], adam.init(params["layer1"]))
+  assert_tree_close(updates["layer1"], expected_adam, rtol=1e-6)
+
+  masked = optax.masked(sngd_jax.sngd(0.1), {"layer0": True, "layer1": False})
+  updates, _ = masked.update(grads, masked.init(params), params,
+                             activations=acts)
+  assert_tree_close(updates["layer0"], expected["layer0"], rtol=1e-6)
+  # A typo'd path still raises, naming it.
+  with pytest.raises(ValueError, match="'layer9'"):
+    masked.update(grads, masked.init(params), params,
+                  activations={**acts, "layer9": acts["layer0"]})
+
+
+def test_inject_hyperparams_rounding_options_fail_with_advice_and_no_buffers():
+  params, acts, grads = setup()
+  low = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+  with pytest.raises(ValueError, match="hyperparam_dtype=jnp.float32"):
+    optax.inject_hyperparams(sngd_jax.sngd)(learning_rate=0.1).init(low)
+  tx = optax.inject_hyperparams(sngd_jax.sngd, hyperparam_dtype=jnp.float32)(
+      learning_rate=0.1, ema_decay=0.999)
+  state = tx.init(low)
+  assert state.hyperparams["ema_decay"].dtype == jnp.float32
+  # No momentum or weight decay asked for: none allocated (SNGD's state and
+  # the learning rate's, no params-sized trace).
+  kinds = [type(part) for part in state.inner_state]
+  assert kinds == [sngd_jax.ScaleBySNGDState, optax.EmptyState]
+
+
+def test_patterns_that_match_nothing_warn_and_boolean_intervals_fail():
+  params, _, _ = setup()
+  with pytest.warns(UserWarning, match="'layr0'"):
+    sngd_jax.sngd(0.1, layer_fisher={"layr0": "relu"}).init(params)
+  with pytest.raises(ValueError, match="stats_every"):
+    sngd_jax.sngd(0.1, stats_every=True)

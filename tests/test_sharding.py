@@ -18,5 +18,9 @@ def test_sharded_training_matches_single_device():
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report["data_parallel"] < 1e-5, report
   assert report["param_sharded"] < 1e-5, report
+  # pmap with axis_name: every replica identical, equal to one device.
+  assert report["pmap"] < 1e-5, report
+  assert report["pmap_spread"] == 0.0, report
+  assert report["explicit_mesh"] < 1e-5, report
   assert report["kernel_sharding"] == [None, "data"], report
   assert report["batch_devices"] == 8, report
