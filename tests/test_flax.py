@@ -20,6 +20,18 @@ def one_update(params, grads, acts, **options):
   return tx.update(grads, tx.init(params), params, activations=acts)[0]
 
 
+def captured_gradients(model, *args, **kwargs):
+  """``(acts, params, grads)`` of ``sum(sin(model(*args)))``, params and grads pure."""
+
+  def loss_fn(model):
+    y, acts = sngd_jax.nnx_capture(model, *args, **kwargs)
+    return jnp.sum(jnp.sin(y)), acts
+
+  (_, acts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  return (acts, nnx.as_pure(nnx.state(model, nnx.Param)),
+          nnx.as_pure(nnx.state(grads, nnx.Param)))
+
+
 def dense_reference(x, g_kernel, g_bias):
   xt = with_ones(np.asarray(x).reshape(-1, x.shape[-1]))
   g = np.concatenate([np.asarray(g_kernel).reshape(xt.shape[1] - 1, -1),
@@ -81,13 +93,7 @@ def test_grouped_conv_shares_one_block_over_its_groups(groups):
   y = jnp.einsum("...gr,rgo->...go", patches, kernel).reshape(4, 5, 5, 12)
   np.testing.assert_allclose(y + conv.bias[...], conv(x), atol=1e-12)
 
-  def loss(conv):
-    y, acts = sngd_jax.nnx_capture(conv, x)
-    return jnp.sum(jnp.sin(y)), acts
-
-  (_, acts), grads = nnx.value_and_grad(loss, has_aux=True)(conv)
-  params = nnx.as_pure(nnx.state(conv, nnx.Param))
-  grads = nnx.as_pure(nnx.state(grads, nnx.Param))
+  acts, params, grads = captured_gradients(conv, x)
   updates = one_update(params, grads, acts)
   # One block E[x~ x~^T] over every position and every group's patch.
   expected = dense_reference(patches, grads["kernel"], grads["bias"])
@@ -184,14 +190,7 @@ def test_einsum_dense_maps_get_the_linear_block():
                      param_dtype=jnp.float64)
   model = nnx.Sequential(dense, heads)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 3), jnp.float64)
-
-  def loss_fn(model):
-    y, acts = sngd_jax.nnx_capture(model, x)
-    return jnp.sum(jnp.sin(y)), acts
-
-  (_, acts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-  params = nnx.as_pure(nnx.state(model, nnx.Param))
-  grads = nnx.as_pure(nnx.state(grads, nnx.Param))
+  acts, params, grads = captured_gradients(model, x)
   with pytest.raises(ValueError, match=r"layers/1.*output_axes"):
     one_update(params, grads, acts)
   updates = one_update(params, grads, acts, output_axes={"layers/1": 2})

@@ -15,7 +15,7 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 from test_exact_ngd import DAMPING, RELATIVE
-from test_flax import one_update
+from test_flax import captured_gradients, one_update
 
 import sngd_jax
 
@@ -118,14 +118,7 @@ def attention_case():
                                param_dtype=jnp.float64)
   x = jax.random.normal(jax.random.PRNGKey(1), (3, 4, 6), jnp.float64)
   mask = nnx.make_causal_mask(jnp.ones((3, 4)))
-
-  def loss_fn(mha):
-    y, acts = sngd_jax.nnx_capture(mha, x, mask=mask)
-    return jnp.sum(jnp.sin(y)), acts
-
-  (_, acts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(mha)
-  params = nnx.as_pure(nnx.state(mha, nnx.Param))
-  grads = nnx.as_pure(nnx.state(grads, nnx.Param))
+  acts, params, grads = captured_gradients(mha, x, mask=mask)
   return mha, x, mask, params, grads, one_update(params, grads, acts)
 
 
@@ -197,14 +190,7 @@ class TiedLM(nnx.Module):
 def tied_case(untracked):
   model = TiedLM(nnx.Rngs(0), untracked)
   tokens = jnp.array([[0, 1, 1, 2], [2, 3, 0, 0]])  # tokens 4 and 5 unused
-
-  def loss_fn(model):
-    logits, acts = sngd_jax.nnx_capture(model, tokens)
-    return jnp.sum(jnp.sin(logits)), acts
-
-  (_, acts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-  params = nnx.as_pure(nnx.state(model, nnx.Param))
-  grads = nnx.as_pure(nnx.state(grads, nnx.Param))
+  acts, params, grads = captured_gradients(model, tokens)
   return model, tokens, acts, grads, one_update(params, grads, acts)
 
 
