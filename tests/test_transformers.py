@@ -255,3 +255,27 @@ def test_linen_layernorm_over_two_feature_axes():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     one_update(params, grads, acts)
+
+
+class Rematted(nnx.Module):
+  """A layer called through ``nnx.remat``, and a plain head."""
+
+  def __init__(self, rngs):
+    self.inner = nnx.Linear(3, 4, rngs=rngs, param_dtype=jnp.float64)
+    self.head = nnx.Linear(4, 2, rngs=rngs, param_dtype=jnp.float64)
+
+  def __call__(self, x):
+    h = nnx.remat(lambda layer, x: layer(x))(self.inner, x)
+    return self.head(jnp.tanh(h))
+
+
+def test_a_layer_inside_remat_gets_the_plain_gradient_and_is_named():
+  model = Rematted(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(1), (5, 3), jnp.float64)
+  acts, params, grads = captured_gradients(model, x)
+  assert set(acts) == {"head"}  # its records live in the checkpoint's trace
+  with pytest.warns(UserWarning, match=r"'inner/bias', 'inner/kernel'"):
+    updates = one_update(params, grads, acts)
+  np.testing.assert_array_equal(updates["inner"]["kernel"],
+                                grads["inner"]["kernel"])
+  assert not np.allclose(updates["head"]["kernel"], grads["head"]["kernel"])
