@@ -28,8 +28,8 @@ MODELS = {
 def step_ms(model, tx, needs_activations, xs, ys, repeats=5):
   task = bench.Task("step-time", None, None, xs.shape[1], 1, 0.0)
   chunk, _ = bench.make_chunk(task, model, tx, needs_activations)
-  params = model.init(jax.random.PRNGKey(0), xs[0])["params"]
-  carry = (params, tx.init(params))
+  variables = model.init(jax.random.PRNGKey(0), xs[0])
+  carry = (variables, tx.init(variables["params"]))
   carry = jax.block_until_ready(chunk(*carry, xs, ys)[:2])
   times = []
   for _ in range(repeats):

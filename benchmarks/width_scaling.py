@@ -37,15 +37,15 @@ def measure(width, tx, needs_activations, steps, batch=128):
   model = models.MLP((width, width))
   x = jax.random.normal(jax.random.PRNGKey(0), (steps, batch, 784))
   y = jax.random.randint(jax.random.PRNGKey(1), (steps, batch), 0, 10)
-  params = model.init(jax.random.PRNGKey(2), x[0])["params"]
-  state = tx.init(params)
+  variables = model.init(jax.random.PRNGKey(2), x[0])
+  state = tx.init(variables["params"])
   state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
   task = bench.Task("width", None, None, batch, epochs=1, target=0.0)
   chunk, _ = bench.make_chunk(task, model, tx, needs_activations)
   # Compile and warm up on copies (the chunk donates its params and state).
-  jax.block_until_ready(chunk(*jax.tree.map(jnp.copy, (params, state)), x, y))
+  jax.block_until_ready(chunk(*jax.tree.map(jnp.copy, (variables, state)), x, y))
   start = time.perf_counter()
-  jax.block_until_ready(chunk(params, state, x, y))
+  jax.block_until_ready(chunk(variables, state, x, y))
   return 1e3 * (time.perf_counter() - start) / steps, state_bytes
 
 

@@ -2,7 +2,8 @@
 
 Prints the largest relative difference between single-device training and
 (a) data-parallel training (batch sharded, params replicated) and
-(b) params sharded by NamedSharding along their output axis.
+(b) params sharded by NamedSharding along their output axis, and under
+pmap, shard_map (both with ``axis_name``) and an explicit-sharding mesh.
 """
 
 import json
@@ -77,6 +78,16 @@ pmap_spread = max(float(jnp.max(jnp.abs(leaf - leaf[0])))
                   for leaf in jax.tree.leaves(pmap_params))
 
 
+# shard_map over the batch axis: the same step as pmap's, state replicated.
+shard_mapped = jax.jit(jax.shard_map(
+    pmap_step, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
+    out_specs=(P(), P())))
+shard_map_params, shard_map_state = params, tx_pmap.init(params)
+for _ in range(6):
+  shard_map_params, shard_map_state = shard_mapped(
+      shard_map_params, shard_map_state, x, labels)
+
+
 # An explicit-sharding mesh (jax.make_mesh's default axis type): an embedding
 # (a scatter of sharded token ids) and dense layers, batch sharded.
 explicit_mesh = jax.make_mesh((8,), ("data",),
@@ -120,6 +131,7 @@ print(json.dumps({
     "data_parallel": rel(data_parallel, single),
     "param_sharded": rel(param_sharded, single),
     "pmap": rel(jax.tree.map(lambda a: a[0], pmap_params), single),
+    "shard_map": rel(shard_map_params, single),
     "explicit_mesh": rel(explicit, explicit_single),
     "pmap_spread": pmap_spread,
     "kernel_sharding": list(kernel.sharding.spec),

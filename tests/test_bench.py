@@ -25,3 +25,35 @@ def test_bench_smoke_writes_tables_plots_and_json(tmp_path, capsys):
   table = (tmp_path / "results.md").read_text()
   assert "| sngd |" in table and "| adam |" in table and "Peers: kfac" in table
   assert "step time vs Adam" in capsys.readouterr().out
+
+
+def test_a_batchnorm_model_trains_with_its_statistics_in_the_carry():
+  import jax
+  import numpy as np
+
+  from sngd_jax.bench import data, models
+
+  rng = np.random.default_rng(0)
+  images = lambda n: rng.random((n, 12, 12), dtype=np.float32)
+  labels = lambda n: rng.integers(0, 10, n).astype(np.int32)
+  dataset = data.Dataset(images(64), labels(64), images(16), labels(16),
+                         images(16), labels(16), "random")
+  task = bench.Task("resnet", lambda: dataset,
+                    lambda: models.ResNet(blocks=1, widths=(4, 8)), 16,
+                    epochs=1, target=0.0, scan=False)
+  model = task.model()
+  variables = model.init(jax.random.PRNGKey(0), dataset.x_train[:2])
+  tx = bench._optimizer(task, "sngd")(0.1)
+  chunk, evaluate = bench.make_chunk(task, model, tx, True)
+  xs = dataset.x_train.reshape(4, 16, 12, 12)
+  ys = dataset.y_train.reshape(4, 16)
+  new, state, loss = chunk(jax.tree.map(np.copy, variables),
+                           tx.init(variables["params"]), xs, ys)
+  assert np.isfinite(float(loss))
+  # BatchNorm's running statistics moved with the batches.
+  before, after = (jax.tree.leaves(v["batch_stats"]) for v in (variables, new))
+  assert all(not np.allclose(a, b) for a, b in zip(before, after))
+  sngd_state = state[0]
+  assert int(sngd_state.count) == 4 and float(sngd_state.stats_weight) > 0
+  assert int(sngd_state.stats_faults) == 0
+  assert np.isfinite(evaluate(new, dataset.x_val, dataset.y_val)[0])

@@ -21,6 +21,7 @@ def test_sharded_training_matches_single_device():
   # pmap with axis_name: every replica identical, equal to one device.
   assert report["pmap"] < 1e-5, report
   assert report["pmap_spread"] == 0.0, report
+  assert report["shard_map"] < 1e-5, report
   assert report["explicit_mesh"] < 1e-5, report
   assert report["kernel_sharding"] == [None, "data"], report
   assert report["batch_devices"] == 8, report

@@ -94,6 +94,37 @@ def fashion_mnist_available(directory: str = FASHION_MNIST_DIR) -> bool:
     return False
 
 
+def cifar10(directory: str | os.PathLike, val_fraction: float = 0.1,
+            seed: int = 0) -> Dataset:
+  """CIFAR-10 from its python-pickle batches: images ``(N, 32, 32, 3)`` in [0, 1].
+
+  ``directory`` holds ``data_batch_1`` ... ``data_batch_5`` and ``test_batch``
+  (``cifar-10-batches-py`` as the dataset's site distributes it; nothing is
+  downloaded here). Each batch is a pickled dict whose ``data`` rows are
+  3072 bytes, the red, green and blue 32x32 planes one after the other.
+  """
+  import pickle
+
+  directory = Path(directory)
+
+  def read(name):
+    path = directory / name
+    if not path.exists():
+      raise FileNotFoundError(
+          f"no {name} in {directory}: expected CIFAR-10's python batches "
+          "(data_batch_1 ... data_batch_5, test_batch)")
+    with open(path, "rb") as f:
+      batch = pickle.load(f, encoding="bytes")
+    data = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32)
+    return data.transpose(0, 2, 3, 1) / 255.0, np.asarray(batch[b"labels"])
+
+  train = [read(f"data_batch_{i}") for i in range(1, 6)]
+  x_test, y_test = read("test_batch")
+  return _split(np.concatenate([x for x, _ in train]),
+                np.concatenate([y for _, y in train]), x_test, y_test,
+                "cifar10", val_fraction, seed)
+
+
 def digits(seed: int = 0, val_fraction: float = 0.1) -> Dataset:
   """scikit-learn's bundled 8x8 digits (inputs ``(N, 64)`` in [0, 1])."""
   from sklearn.datasets import load_digits

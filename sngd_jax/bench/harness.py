@@ -106,6 +106,9 @@ class Task:
   extra_optimizers: tuple[str, ...] = ()  # of OPTIONAL
   sngd_options: tuple[tuple[str, object], ...] = ()  # beside SNGD_OPTIONS
   train_eval_rows: int | None = None  # train loss on this many rows (None: all)
+  # Steps run in a jitted scan; False: a jitted step called in a loop (a
+  # ResNet's convolutions run ~7x slower inside XLA:CPU's while loop).
+  scan: bool = True
 
 
 def grid(task: Task, name: str) -> tuple[float, ...]:
@@ -145,6 +148,12 @@ def tasks(suite: str, fast: bool) -> list[Task]:
           Task("fmnist-cnn", fmnist,
                lambda: models.CNN((16, 32), kernel=3, spatial=2), 128,
                epochs(3), 0.3),
+          # BatchNorm residual blocks, widths 16-32-64 (ResNet-8: one block
+          # per stage; ResNet-20's three cost 2x a step on 2 CPU cores) on
+          # the first 10k training images.
+          Task("fmnist-resnet", _cached(lambda: _first_rows(fmnist(), 10000)),
+               lambda: models.ResNet(blocks=1), 128, epochs(3), 0.5,
+               train_eval_rows=2048, scan=False),
       ]
     # A loss per character, averaged: every position is an example
     # (weight_sharing "expand", as the README's layer table says).
@@ -162,7 +171,11 @@ def smoke(task: Task, data: datasets.Dataset, steps: int):
   """A task cut to about ``steps`` steps (the CI smoke run)."""
   rows = steps * task.batch_size
   task = dataclasses.replace(task, epochs=max(1, rows // len(data.x_train)))
-  return task, data._replace(x_train=data.x_train[:rows], y_train=data.y_train[:rows])
+  return task, _first_rows(data, rows)
+
+
+def _first_rows(data: datasets.Dataset, rows: int) -> datasets.Dataset:
+  return data._replace(x_train=data.x_train[:rows], y_train=data.y_train[:rows])
 
 
 def _cached(fn):
@@ -192,39 +205,73 @@ def loss_fn(task: Task):
   return loss
 
 
+def _forward(model, variables, x, train, capture=False):
+  """Logits, the updated model state (``batch_stats``, when training) and,
+  with ``capture``, the activations.
+
+  A model with state (BatchNorm) takes ``train``; one without takes ``x`` only.
+  """
+  state = [name for name in variables if name != "params"]
+  kwargs = dict(train=train, mutable=state if train else False) if state else {}
+  if capture:
+    out, acts = sngd_jax.linen_capture(model, variables, x, **kwargs)
+  else:
+    out, acts = model.apply(variables, x, **kwargs), None
+  logits, new_state = out if state and train else (out, {})
+  return logits, new_state, acts
+
+
 def make_chunk(task, model, tx, needs_activations):
+  """``chunk(variables, opt_state, xs, ys)``: a scan of training steps.
+
+  ``variables`` holds the params and any model state (BatchNorm's
+  ``batch_stats``, updated from each batch); the optimizer sees the params.
+  """
   loss = loss_fn(task)
 
-  def objective(params, x, y):
-    if needs_activations:
-      logits, acts = sngd_jax.linen_capture(model, {"params": params}, x)
-    else:
-      logits, acts = model.apply({"params": params}, x), None
-    return loss(logits, x, y), acts
+  def objective(params, model_state, x, y):
+    logits, model_state, acts = _forward(
+        model, {"params": params, **model_state}, x, True, needs_activations)
+    return loss(logits, x, y), (acts, model_state)
 
   def step(carry, batch):
-    params, opt_state = carry
+    variables, opt_state = carry
     x, y = batch
-    (value, acts), grads = jax.value_and_grad(objective, has_aux=True)(
-        params, x, y)
+    params = variables["params"]
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    (value, (acts, model_state)), grads = jax.value_and_grad(
+        objective, has_aux=True)(params, model_state, x, y)
     extra = {"activations": acts} if needs_activations else {}
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
-    return (optax.apply_updates(params, updates), opt_state), value
+    variables = {"params": optax.apply_updates(params, updates), **model_state}
+    return (variables, opt_state), value
 
-  def chunk(params, opt_state, xs, ys):
-    (params, opt_state), values = jax.lax.scan(step, (params, opt_state),
-                                               (xs, ys))
-    return params, opt_state, values.mean()
+  def chunk(variables, opt_state, xs, ys):
+    (variables, opt_state), values = jax.lax.scan(
+        step, (variables, opt_state), (xs, ys))
+    return variables, opt_state, values.mean()
 
-  return jax.jit(chunk, donate_argnums=(0, 1)), make_evaluate(task, model)
+  if task.scan:
+    return jax.jit(chunk, donate_argnums=(0, 1)), make_evaluate(task, model)
+  one_step = jax.jit(lambda variables, opt_state, x, y: step(
+      (variables, opt_state), (x, y)), donate_argnums=(0, 1))
+
+  def looped(variables, opt_state, xs, ys):
+    values = []
+    for x, y in zip(xs, ys):
+      (variables, opt_state), value = one_step(variables, opt_state, x, y)
+      values.append(value)
+    return variables, opt_state, jnp.mean(jnp.stack(values))
+
+  return looped, make_evaluate(task, model)
 
 
 def make_evaluate(task, model):
-  """``evaluate(params, x, y) -> (loss, accuracy)``, jitted."""
+  """``evaluate(variables, x, y) -> (loss, accuracy)``, jitted."""
   loss = loss_fn(task)
 
-  def evaluate(params, x, y):
-    logits = model.apply({"params": params}, x)
+  def evaluate(variables, x, y):
+    logits, _, _ = _forward(model, variables, x, False)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == y) if task.loss == "xent" else jnp.nan
     return loss(logits, x, y), accuracy
 
@@ -253,30 +300,32 @@ def train(task: Task, data: datasets.Dataset, optimizer: str, lr: float,
   tx = optax.inject_hyperparams(_optimizer(task, optimizer))(learning_rate=lr)
   if task.clip is not None:
     tx = optax.chain(optax.clip_by_global_norm(task.clip), tx)
-  params = model.init(jax.random.PRNGKey(seed), data.x_train[:2])["params"]
-  opt_state = tx.init(params)
+  variables = model.init(jax.random.PRNGKey(seed), data.x_train[:2])
+  opt_state = tx.init(variables["params"])
   shape = (chunk_shape(task, data, evals_per_epoch)[0], task.batch_size)
   key = (task.name, optimizer, shape)
   compile_start = time.perf_counter()
   if key not in _COMPILED:
     chunk, evaluate = make_chunk(task, model, tx, _is_sngd(optimizer))
-    chunk = chunk.lower(params, opt_state,
-                        jax.ShapeDtypeStruct(shape + data.x_train.shape[1:], data.x_train.dtype),
-                        jax.ShapeDtypeStruct(shape + data.y_train.shape[1:], jnp.int32)).compile()
+    if task.scan:
+      chunk = chunk.lower(variables, opt_state,
+                          jax.ShapeDtypeStruct(shape + data.x_train.shape[1:], data.x_train.dtype),
+                          jax.ShapeDtypeStruct(shape + data.y_train.shape[1:], jnp.int32)).compile()
     _COMPILED[key] = chunk, evaluate
   chunk, evaluate = _COMPILED[key]
-  compile_s = time.perf_counter() - compile_start
-  # One untimed call on copies: first-call costs are not the optimizer's.
-  copies = jax.tree.map(jnp.copy, (params, opt_state))
+  # One untimed call on copies: first-call costs (and a looped chunk's
+  # compilation) are not the optimizer's.
+  copies = jax.tree.map(jnp.copy, (variables, opt_state))
   jax.block_until_ready(chunk(*copies, jnp.zeros(shape + data.x_train.shape[1:], data.x_train.dtype),
                               jnp.zeros(shape + data.y_train.shape[1:], jnp.int32)))
+  compile_s = time.perf_counter() - compile_start
 
   def advance(carry, xs, ys):
-    params, opt_state, _ = chunk(*carry, xs, ys)
-    return params, opt_state
+    variables, opt_state, _ = chunk(*carry, xs, ys)
+    return variables, opt_state
 
-  result, (params, opt_state) = run(task, data, advance, (params, opt_state),
-                                    evaluate, seed, evals_per_epoch, progress)
+  result, (_, opt_state) = run(task, data, advance, (variables, opt_state),
+                               evaluate, seed, evals_per_epoch, progress)
   result.update(optimizer=optimizer, lr=lr, compile_s=compile_s,
                 state_bytes=sum(x.nbytes for x in jax.tree.leaves(opt_state)))
   if _is_sngd(optimizer):
@@ -300,7 +349,7 @@ def run(task, data, advance, carry, evaluate, seed=0, evals_per_epoch=4,
 
   ``advance(carry, xs, ys)`` takes one chunk of steps (``xs`` of shape
   ``(steps, batch, ...)``) and returns the new carry, whose first element is
-  the params. Only ``advance`` is timed; the train loss is evaluated on the
+  the model's variables (``{"params": ...}`` and any BatchNorm statistics). Only ``advance`` is timed; the train loss is evaluated on the
   whole training set after every chunk. The batches come from ``seed``: the
   same for every optimizer.
   """

@@ -100,3 +100,45 @@ class Transformer(nn.Module):
       h = nn.Dense(4 * self.dim)(nn.LayerNorm()(x))
       x = x + nn.Dense(self.dim)(nn.gelu(h))
     return embed.attend(nn.LayerNorm()(x))
+
+
+class ResidualBlock(nn.Module):
+  """Two 3x3 convolutions with BatchNorm; a strided 1x1 projection on a change of shape."""
+
+  channels: int
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
+    h = nn.Conv(self.channels, (3, 3), self.stride, use_bias=False)(x)
+    h = nn.relu(norm()(h))
+    h = norm()(nn.Conv(self.channels, (3, 3), use_bias=False)(h))
+    if x.shape != h.shape:
+      x = norm()(nn.Conv(self.channels, (1, 1), self.stride, use_bias=False)(x))
+    return nn.relu(x + h)
+
+
+class ResNet(nn.Module):
+  """ResNet-20 style (He et al. 2016, CIFAR): three stages of widths 16-32-64.
+
+  ``blocks`` basic residual blocks per stage (3: ResNet-20), global average
+  pooling and a dense head. ``train``: BatchNorm uses the batch's statistics
+  (and updates ``batch_stats``) instead of the running averages.
+  """
+
+  blocks: int = 3
+  widths: Sequence[int] = (16, 32, 64)
+  outputs: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if x.ndim == 3:  # add the channel axis
+      x = x[..., None]
+    x = nn.Conv(self.widths[0], (3, 3), use_bias=False)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+    for stage, width in enumerate(self.widths):
+      for block in range(self.blocks):
+        stride = 2 if stage > 0 and block == 0 else 1
+        x = ResidualBlock(width, stride)(x, train)
+    return nn.Dense(self.outputs)(jnp.mean(x, axis=(1, 2)))

@@ -63,16 +63,18 @@ def _kfac_worker(task, data, lr):
   compile_s = time.perf_counter() - compile_start
 
   def advance(carry, xs, ys):
-    params, state, step = carry
+    variables, state, step = carry
+    params = variables["params"]
     for x, y in zip(xs, ys):
       params, state, _ = optimizer.step(
           params, state, jax.random.fold_in(rng, step), batch=(x, y),
           global_step_int=step)
       step += 1
-    return params, state, step
+    return {"params": params}, state, step
 
-  result, (params, state, _) = harness.run(
-      task, data, advance, (params, state, 0), harness.make_evaluate(task, model))
+  result, (_, state, _) = harness.run(
+      task, data, advance, ({"params": params}, state, 0),
+      harness.make_evaluate(task, model))
   result.update(compile_s=compile_s,
                 state_bytes=sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state)),
                 versions=dict(jax=jax.__version__, optax=optax.__version__,
