@@ -107,7 +107,7 @@ class Task:
   sngd_options: tuple[tuple[str, object], ...] = ()  # beside SNGD_OPTIONS
   train_eval_rows: int | None = None  # train loss on this many rows (None: all)
   # Steps run in a jitted scan; False: a jitted step called in a loop (a
-  # ResNet's convolutions run ~7x slower inside XLA:CPU's while loop).
+  # ResNet's convolutions ran 6.5x slower inside XLA:CPU's while loop).
   scan: bool = True
 
 
@@ -222,7 +222,8 @@ def _forward(model, variables, x, train, capture=False):
 
 
 def make_chunk(task, model, tx, needs_activations):
-  """``chunk(variables, opt_state, xs, ys)``: a scan of training steps.
+  """``chunk(variables, opt_state, xs, ys)``: training steps (a scan, or a loop
+  of a jitted step where ``task.scan`` is False).
 
   ``variables`` holds the params and any model state (BatchNorm's
   ``batch_stats``, updated from each batch); the optimizer sees the params.
