@@ -350,7 +350,8 @@ def run(task, data, advance, carry, evaluate, seed=0, evals_per_epoch=4,
 
   ``advance(carry, xs, ys)`` takes one chunk of steps (``xs`` of shape
   ``(steps, batch, ...)``) and returns the new carry, whose first element is
-  the model's variables (``{"params": ...}`` and any BatchNorm statistics). Only ``advance`` is timed; the train loss is evaluated on the
+  the model's variables (``{"params": ...}`` and any BatchNorm statistics).
+  Only ``advance`` is timed; the train loss is evaluated on the
   whole training set after every chunk. The batches come from ``seed``: the
   same for every optimizer.
   """

@@ -102,6 +102,10 @@ class Transformer(nn.Module):
     return embed.attend(nn.LayerNorm()(x))
 
 
+def _batch_norm(train: bool) -> nn.BatchNorm:
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9)
+
+
 class ResidualBlock(nn.Module):
   """Two 3x3 convolutions with BatchNorm; a strided 1x1 projection on a change of shape."""
 
@@ -110,12 +114,12 @@ class ResidualBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
     h = nn.Conv(self.channels, (3, 3), self.stride, use_bias=False)(x)
-    h = nn.relu(norm()(h))
-    h = norm()(nn.Conv(self.channels, (3, 3), use_bias=False)(h))
+    h = nn.relu(_batch_norm(train)(h))
+    h = _batch_norm(train)(nn.Conv(self.channels, (3, 3), use_bias=False)(h))
     if x.shape != h.shape:
-      x = norm()(nn.Conv(self.channels, (1, 1), self.stride, use_bias=False)(x))
+      x = _batch_norm(train)(
+          nn.Conv(self.channels, (1, 1), self.stride, use_bias=False)(x))
     return nn.relu(x + h)
 
 
@@ -136,7 +140,7 @@ class ResNet(nn.Module):
     if x.ndim == 3:  # add the channel axis
       x = x[..., None]
     x = nn.Conv(self.widths[0], (3, 3), use_bias=False)(x)
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+    x = nn.relu(_batch_norm(train)(x))
     for stage, width in enumerate(self.widths):
       for block in range(self.blocks):
         stride = 2 if stage > 0 and block == 0 else 1
