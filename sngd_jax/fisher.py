@@ -163,6 +163,11 @@ class _Block:
     del entry
     return self.apply_matrix(precond, g)
 
+  def quadratic(self, precond, g, direction):
+    """``<g, P g>`` (``direction = P g``): the step's squared length in the block's metric."""
+    del precond
+    return jnp.vdot(direction, g)
+
 
 @dataclasses.dataclass(frozen=True)
 class Linear(_Block):
@@ -227,6 +232,13 @@ class NystromLinear(_Block):
 
   def apply_matrix(self, precond, g):
     return linalg.nystrom_apply(
+        precond["basis"], precond["core"], precond["shift"], g)
+
+  def quadratic(self, precond, g, direction):
+    # Not vdot(direction, g): that pass over (n, d_out) costs as much as a
+    # matmul at small batches (measured: 35 us of a 230 us Adam step).
+    del direction
+    return linalg.nystrom_quadratic(
         precond["basis"], precond["core"], precond["shift"], g)
 
 

@@ -146,3 +146,17 @@ def nystrom_factors(columns, column_index, shift, diagonal=None):
 def nystrom_apply(basis, core, shift, v):
   """Applies the Woodbury form of :func:`nystrom_factors` to ``v`` ``(n, k)``."""
   return (v - basis @ (core @ (basis.T @ v))) / shift
+
+
+def nystrom_quadratic(basis, core, shift, v):
+  """``<v, P v>`` for the Woodbury form ``P`` of :func:`nystrom_factors`.
+
+  ``(|v|^2 - <B^T v, core B^T v>) / shift``: from the ``(m, k)`` projections
+  that :func:`nystrom_apply` computes too (under jit, XLA computes them once),
+  so it costs O(m k) instead of a pass over ``(n, k)``. The difference
+  loses digits where ``P v`` is far shorter than ``v / shift``; it is
+  clamped at zero.
+  """
+  projected = basis.T @ v
+  return jnp.maximum(jnp.vdot(v, v) - jnp.vdot(projected, core @ projected),
+                     0.0) / shift

@@ -425,6 +425,7 @@ def scale_by_sngd(
     weight_sharing: PerLayer = "reduce",
     output_axes: OutputAxes = None,
     axis_name: str | None = None,
+    vmap_axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with the damped inverse local Fisher of each layer.
 
@@ -499,6 +500,12 @@ def scale_by_sngd(
       devices each see a shard of the batch: the statistics are averaged over
       it (``jax.lax.pmean``), so every device holds the same state. Not needed
       with ``jax.jit`` and sharded arrays, where the batch mean is global.
+    vmap_axis_name: under ``jax.vmap(..., axis_name=...)`` over independent
+      models (seeds, widths), that axis: the steps that take statistics or
+      refresh are decided once for all the models, so they stay conditionals.
+      Without it a batched step counter turns every conditional into a
+      select, and the statistics and inverses run at every step. Each model
+      keeps its own statistics.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -534,6 +541,14 @@ def scale_by_sngd(
     return plan_layers(tree, layer_fisher, nystrom, output_axes)
 
   def init_fn(params):
+    if not jax.tree.leaves(params) and not isinstance(params, (dict, list,
+                                                               tuple)):
+      # optax.tree_utils.tree_map_params's leafless placeholder for the
+      # params: the per-layer dicts (keyed by layer, not params-shaped) are
+      # single leaves here, so the real state's dicts pass through whole.
+      zeros = [jnp.zeros([], jnp.int32) for _ in range(4)]
+      return ScaleBySNGDState(zeros[0], jnp.zeros([]), "per layer",
+                              "per layer", *zeros[1:])
     layers, _, _ = plan(params)
     _warn_unmatched(params, layer_fisher=layer_fisher,
                     weight_sharing=weight_sharing, output_axes=output_axes)
@@ -589,6 +604,13 @@ def scale_by_sngd(
 
     count = state.count
 
+    def for_every_model(decision):
+      # Under vmap the models' decisions agree (their counters do); one
+      # unbatched decision keeps lax.cond a conditional.
+      if vmap_axis_name is None:
+        return decision
+      return jax.lax.pmax(decision.astype(jnp.int32), vmap_axis_name) > 0
+
     # One cond for every layer's statistics: on the steps in between, the
     # program skips them all at once.
     def all_statistics():
@@ -605,7 +627,7 @@ def scale_by_sngd(
     # takes a statistic every step and is refreshed every stats_every steps:
     # the warm-up lasts that many steps, not that many intervals.
     young = state.stats_weight < 0.9
-    take_stats = (count % stats_every == 0) | young
+    take_stats = for_every_model((count % stats_every == 0) | young)
     fresh_stats, stat_faults = jax.lax.cond(
         take_stats, all_statistics,
         lambda: ({path: state.stats[path] for path in active},
@@ -619,8 +641,9 @@ def scale_by_sngd(
                        ema_decay * state.stats_weight + (1 - ema_decay),
                        state.stats_weight).astype(state.stats_weight.dtype)
     warm_damping = (relative_damping + 1 - weight) / jnp.maximum(weight, 1e-30)
-    refresh = ((count % inverse_every == 0)
-               | (young & (count % stats_every == 0))) & (weight > 0)
+    refresh = for_every_model(((count % inverse_every == 0)
+                               | (young & (count % stats_every == 0)))
+                              & (weight > 0))
     # Refreshes keep a cond per layer: one cond around all of them (each with
     # its retry cond inside) deadlocks XLA:CPU's concurrent scheduler
     # (jax 0.10.2).
@@ -632,7 +655,7 @@ def scale_by_sngd(
             lambda layer=layer, path=path: _refreshed(
                 layer, stats[path], state.preconditioners[path], damping,
                 warm_damping.astype(jax.tree.leaves(stats[path])[0].dtype),
-                solver),
+                solver, weight > 0, for_every_model),
             lambda path=path: (state.preconditioners[path], jnp.array(False)))
       inverse_faults += fault.astype(jnp.int32)
     preconditioners = {**state.preconditioners, **fresh_preconditioners}
@@ -642,7 +665,8 @@ def scale_by_sngd(
         g = _gradient_matrix(layer, preconditioners[path], leaves)
         directions[path] = layer.block.apply(preconditioners[path], g,
                                              entries[path])
-        vg += jnp.vdot(directions[path], g).astype(jnp.float32)
+        vg += layer.block.quadratic(preconditioners[path], g,
+                                    directions[path]).astype(jnp.float32)
     scale, clipped = 1.0, jnp.zeros([], jnp.int32)
     if kl_clip is not None:
       rate = learning_rate(count) if callable(learning_rate) else learning_rate
@@ -681,13 +705,17 @@ def _statistic_ema(layer, entry, old, ema_decay, reduce, axis_name=None):
     return jax.tree.map(lambda e, o: jnp.where(ok, e, o), ema, old), ~ok
 
 
-def _refreshed(layer, stats, old, damping, relative_damping, solver):
+def _refreshed(layer, stats, old, damping, relative_damping, solver, valid,
+               for_every_model):
   """New damped inverse; a non-finite one is retried with more damping, then rejected.
 
   Returns the preconditioner and whether the first attempt failed. A block
   too close to singular for its damping is the usual cause, so one retry uses
   100x ``damping`` and at least 1e-3 ``relative_damping``; if that fails too,
-  the last good preconditioner is kept.
+  the last good preconditioner is kept. Statistics that are not ``valid``
+  (none taken yet) keep the old preconditioner. ``for_every_model`` makes the
+  decision to retry once for all models under vmap (each keeps its own
+  result).
   """
 
   def attempt(boost, floor):
@@ -698,9 +726,16 @@ def _refreshed(layer, stats, old, damping, relative_damping, solver):
 
   with jax.named_scope("refresh"):
     fresh, ok = attempt(1.0, 0.0)
-    fresh, retry_ok = jax.lax.cond(
-        ok, lambda: (fresh, ok), lambda: attempt(100.0, 1e-3))
-    return jax.tree.map(lambda f, o: jnp.where(retry_ok, f, o), fresh, old), ~ok
+
+    def retried():
+      again, again_ok = attempt(100.0, 1e-3)
+      return (jax.tree.map(lambda f, a: jnp.where(ok, f, a), fresh, again),
+              ok | again_ok)
+
+    fresh, good = jax.lax.cond(for_every_model(~ok), retried,
+                               lambda: (fresh, ok))
+    keep = good & valid
+    return jax.tree.map(lambda f, o: jnp.where(keep, f, o), fresh, old), ~ok
 
 
 def _kl_clip_scale(vg, learning_rate, kl_clip):
@@ -753,6 +788,7 @@ def sngd(
     weight_sharing: PerLayer = "reduce",
     output_axes: OutputAxes = None,
     axis_name: str | None = None,
+    vmap_axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SNGD: the preconditioner alone, or the complete optimizer.
 
@@ -772,7 +808,7 @@ def sngd(
     weight_decay_mask: ``optax.add_decayed_weights``' mask.
     ema_decay, damping, relative_damping, stats_every, inverse_every,
     layer_fisher, solver, nystrom, kl_clip, weight_sharing, output_axes,
-    axis_name: see
+    axis_name, vmap_axis_name: see
       :func:`scale_by_sngd`. ``kl_clip`` bounds the step heavy-ball momentum
       takes along a steady direction, ``learning_rate / (1 - momentum)``.
 
@@ -800,7 +836,8 @@ def sngd(
       stats_every=stats_every, inverse_every=inverse_every,
       layer_fisher=layer_fisher, solver=solver, nystrom=nystrom,
       kl_clip=kl_clip, learning_rate=clip_rate, weight_sharing=weight_sharing,
-      output_axes=output_axes, axis_name=axis_name)]
+      output_axes=output_axes, axis_name=axis_name,
+      vmap_axis_name=vmap_axis_name)]
   if not (weight_decay is None or _is_number(weight_decay) and weight_decay == 0):
     parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
   if not (momentum is None or _is_number(momentum) and momentum == 0):

@@ -21,7 +21,9 @@ import sngd_jax
 assert jax.device_count() == 8, jax.devices()
 params = mlp_params(jax.random.PRNGKey(0), [16, 32, 8], jnp.float32)
 x, labels = blobs(jax.random.PRNGKey(1), n=64, d=16, classes=8, dtype=jnp.float32)
-tx = sngd_jax.sngd(0.1, momentum=0.9, inverse_every=2,
+# No KL clip: a clipped step has the same length whatever the gradient's
+# scale, so it would hide a gradient summed instead of averaged.
+tx = sngd_jax.sngd(0.1, momentum=0.9, inverse_every=2, kl_clip=None,
                    layer_fisher={"layer0": "relu", "*": "linear"})
 
 
@@ -35,7 +37,9 @@ def step(params, state, x, labels):
 def train(params, x, labels, jitted):
   state = tx.init(params)
   for _ in range(6):
-    params, state, _ = jitted(params, state, x, labels)
+    # One step at a time: XLA:CPU (jax 0.10.2) can deadlock in a collective
+    # when consecutive multi-device steps overlap on a loaded machine.
+    params, state, _ = jax.block_until_ready(jitted(params, state, x, labels))
   return params
 
 
@@ -55,7 +59,7 @@ param_sharded = train(by_output, jax.device_put(x, replicated),
 
 # pmap (Flax's ImageNet pattern): replicated state, a batch shard per device,
 # gradients and (axis_name) statistics averaged across devices.
-tx_pmap = sngd_jax.sngd(0.1, momentum=0.9, inverse_every=2,
+tx_pmap = sngd_jax.sngd(0.1, momentum=0.9, inverse_every=2, kl_clip=None,
                         layer_fisher={"layer0": "relu", "*": "linear"},
                         axis_name="data")
 
@@ -72,20 +76,33 @@ stack = lambda tree: jax.tree.map(lambda a: jnp.stack([a] * 8), tree)
 pmapped = jax.pmap(pmap_step, axis_name="data")
 replicas = (stack(params), stack(tx_pmap.init(params)))
 for _ in range(6):
-  replicas = pmapped(*replicas, x.reshape(8, 8, -1), labels.reshape(8, 8))
+  replicas = jax.block_until_ready(
+      pmapped(*replicas, x.reshape(8, 8, -1), labels.reshape(8, 8)))
 pmap_params = replicas[0]
 pmap_spread = max(float(jnp.max(jnp.abs(leaf - leaf[0])))
                   for leaf in jax.tree.leaves(pmap_params))
 
 
-# shard_map over the batch axis: the same step as pmap's, state replicated.
+# shard_map over the batch axis, state replicated. The params enter
+# replicated, so JAX sums their gradient over the devices itself: the loss is
+# averaged inside the differentiated function instead of pmeaning gradients.
+def shard_map_step(params, state, x, labels):
+  def mean_loss(params):
+    loss, acts = loss_and_acts(params, x, labels)
+    return jax.lax.pmean(loss, "data"), acts
+
+  (_, acts), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+  updates, state = tx_pmap.update(grads, state, params, activations=acts)
+  return optax.apply_updates(params, updates), state
+
+
 shard_mapped = jax.jit(jax.shard_map(
-    pmap_step, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
+    shard_map_step, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
     out_specs=(P(), P())))
 shard_map_params, shard_map_state = params, tx_pmap.init(params)
 for _ in range(6):
-  shard_map_params, shard_map_state = shard_mapped(
-      shard_map_params, shard_map_state, x, labels)
+  shard_map_params, shard_map_state = jax.block_until_ready(shard_mapped(
+      shard_map_params, shard_map_state, x, labels))
 
 
 # An explicit-sharding mesh (jax.make_mesh's default axis type): an embedding

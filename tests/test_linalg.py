@@ -111,3 +111,27 @@ def test_nystrom_spectral_shift_keeps_the_trace_and_tames_missed_directions():
   assert np.linalg.norm(shifted) < 1.5 * np.linalg.norm(exact)
   assert (np.linalg.norm(shifted - exact) / np.linalg.norm(exact)
           < 0.1 * np.linalg.norm(plain - exact) / np.linalg.norm(exact))
+
+
+@pytest.mark.parametrize("dtype,in_span,rtol", [
+    (jnp.float64, False, 1e-10), (jnp.float64, True, 1e-8),
+    (jnp.float32, False, 1e-5),
+    # v in the top directions: P v is 1e-5 of v / shift, and the difference
+    # keeps ~2 digits in float32 (so does vdot(nystrom_apply(v), v): 3e-2).
+    (jnp.float32, True, 1e-1)])
+def test_nystrom_quadratic_is_v_dot_pv_of_the_explicit_approximation(
+    dtype, in_span, rtol):
+  # Eigenvalues ~1e4 over a shift of 1e-2, as a pixel layer's top directions
+  # over its damping.
+  g = 1e3 * low_rank_plus_noise(50, 6, 1e-1, seed=5)
+  columns = np.arange(0, 50, 5)
+  shift = 1e-2
+  basis, core, _ = linalg.nystrom_factors(jnp.asarray(g[:, columns], dtype),
+                                          columns, shift)
+  b = np.asarray(basis, np.float64)
+  rng = np.random.default_rng(6)
+  v = b @ rng.normal(size=(b.shape[1], 4)) if in_span else rng.normal(size=(50, 4))
+  expected = np.sum(v * np.linalg.solve(b @ b.T + shift * np.eye(50), v))
+  got = linalg.nystrom_quadratic(basis, core, shift, jnp.asarray(v, dtype))
+  assert got.dtype == dtype
+  np.testing.assert_allclose(float(got), expected, rtol=rtol)

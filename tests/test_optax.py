@@ -1,6 +1,7 @@
 """SNGD composes with Optax's chains and wrappers, under jit, without recompiling."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -91,16 +92,102 @@ def test_inject_hyperparams_under_jit_with_array_intervals():
   assert int(state.inner_state[0].count) == 3
 
 
-def test_multisteps_accumulates_then_applies():
-  params, acts, grads = setup()
+def test_multisteps_applies_the_summed_gradient_with_the_last_micro_batchs_statistics():
+  """What the README promises under MultiSteps: the accumulated gradient, and
+  the local Fisher of the micro-batch whose update applies it (the EMA
+  averages over steps)."""
+  params = mlp_params(jax.random.PRNGKey(0), [10, 8, 4])
+  micro = []
+  for seed in (1, 2):
+    x, labels = blobs(jax.random.PRNGKey(seed), n=32)
+    (_, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(
+        params, x, labels)
+    micro.append((acts, grads))
   tx = optax.MultiSteps(sngd_jax.sngd(0.1), every_k_schedule=2)
   state = tx.init(params)
-  first, state = tx.update(grads, state, params, activations=acts)
+  first, state = tx.update(micro[0][1], state, params, activations=micro[0][0])
   assert all(np.all(u == 0) for u in jax.tree.leaves(first))
-  second, state = tx.update(grads, state, params, activations=acts)
-  expected = jax.tree.map(lambda d: -0.1 * d, direction(
-      params, acts, grads, learning_rate=0.1))
-  assert_tree_close(second, expected, rtol=1e-6)
+  second, state = tx.update(micro[1][1], state, params, activations=micro[1][0])
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, micro[0][1], micro[1][1])
+  expected = direction(params, micro[1][0], mean, learning_rate=0.1)
+  assert_tree_close(second, jax.tree.map(lambda d: -0.1 * d, expected),
+                    rtol=1e-6, atol=1e-9)
+  other = direction(params, micro[0][0], mean, learning_rate=0.1)
+  assert not np.allclose(other["layer0"]["kernel"],
+                         expected["layer0"]["kernel"], rtol=1e-3)
+
+
+def _conds(jaxpr) -> int:
+  """``cond`` equations in a jaxpr, nested ones included."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == "cond"
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      count += _conds(sub)
+  return count
+
+
+def test_vmap_over_models_equals_the_loop_and_keeps_its_conditionals():
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  params = jax.vmap(lambda k: mlp_params(k, [10, 8, 4]))(keys)
+  x, labels = blobs(jax.random.PRNGKey(1), n=32)
+  options = dict(momentum=0.9, stats_every=2, inverse_every=3)
+
+  def train(tx, params, steps=7):
+    state = tx.init(params)
+    for _ in range(steps):
+      (_, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(
+          params, x, labels)
+      updates, state = tx.update(grads, state, params, activations=acts)
+      params = optax.apply_updates(params, updates)
+    return params, state
+
+  vmapped = jax.jit(jax.vmap(
+      lambda p: train(sngd_jax.sngd(0.1, vmap_axis_name="models", **options), p),
+      axis_name="models"))
+  got_params, got_state = vmapped(params)
+  single = jax.jit(lambda p: train(sngd_jax.sngd(0.1, **options), p))
+  for i in range(4):
+    want_params, want_state = single(jax.tree.map(lambda a, i=i: a[i], params))
+    assert_tree_close(jax.tree.map(lambda a, i=i: a[i], got_params),
+                      want_params, rtol=1e-9, atol=1e-12)
+    assert_tree_close(jax.tree.map(lambda a, i=i: a[i], got_state[0].stats),
+                      want_state[0].stats, rtol=1e-9, atol=1e-12)
+  assert int(got_state[0].count[0]) == 7
+
+  def update_jaxpr(name):
+    tx = sngd_jax.sngd(0.1, vmap_axis_name=name, **options)
+    one = jax.tree.map(lambda a: a[0], params)
+    (_, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(
+        one, x, labels)
+    stack = lambda tree: jax.tree.map(lambda a: jnp.stack([a] * 4), tree)
+    update = lambda g, s, p, a: tx.update(g, s, p, activations=a)
+    return jax.make_jaxpr(jax.vmap(update, axis_name="models"))(
+        stack(grads), jax.vmap(tx.init)(params), params, stack(acts)).jaxpr
+
+  # Statistics, one refresh per layer and its retry: conditionals, not
+  # selects that would run them at every step.
+  assert _conds(update_jaxpr("models")) == 1 + 2 * 2
+  assert _conds(update_jaxpr(None)) == 0
+
+
+def test_tree_map_params_maps_the_params_shaped_parts_of_the_state():
+  params, acts, grads = setup()
+  tx = sngd_jax.sngd(0.1, momentum=0.9)
+  state = tx.init(params)
+  _, state = tx.update(grads, state, params, activations=acts)
+  cast = optax.tree_utils.tree_map_params(
+      tx, lambda p: p.astype(jnp.float32), state)
+  momentum = cast[1].trace
+  assert jax.tree.structure(momentum) == jax.tree.structure(params)
+  assert all(m.dtype == jnp.float32 for m in jax.tree.leaves(momentum))
+  # The statistics are not params-shaped: passed through, or given to
+  # transform_non_params whole.
+  assert_tree_close(cast[0].stats, state[0].stats, rtol=0)
+  marked = optax.tree_utils.tree_map_params(
+      tx, lambda p: "param", state, transform_non_params=lambda _: "other")
+  assert marked[0].stats == "other"
+  assert jax.tree.leaves(marked[1].trace) == ["param"] * 4
 
 
 def test_apply_if_finite_blocks_nan_gradients():

@@ -69,14 +69,18 @@ def test_defaults_never_produce_nan_at_any_learning_rate(model, d):
       assert finite(params), (lr, momentum)
 
 
-def test_kl_clip_bounds_lr_squared_v_dot_g_and_counts_the_clipped_steps():
+# Nystrom(rank=4, min_dim=8): the first layer (11 rows) takes the low-rank
+# block, whose v . g the clip computes from its factors.
+@pytest.mark.parametrize("nystrom", [None, sngd_jax.Nystrom(rank=4, min_dim=8)])
+def test_kl_clip_bounds_lr_squared_v_dot_g_and_counts_the_clipped_steps(nystrom):
   params = mlp_params(jax.random.PRNGKey(0), [10, 8, 4])
   x, labels = blobs(jax.random.PRNGKey(1), n=32)
   (_, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(
       params, x, labels)
 
   def direction(**options):
-    tx = sngd_jax.scale_by_sngd(stats_every=1, inverse_every=1, **options)
+    tx = sngd_jax.scale_by_sngd(stats_every=1, inverse_every=1,
+                                nystrom=nystrom, **options)
     updates, state = tx.update(grads, tx.init(params), params, activations=acts)
     vg = sum(float(jnp.vdot(v, g)) for v, g in
              zip(jax.tree.leaves(updates), jax.tree.leaves(grads)))
