@@ -20,15 +20,18 @@ What each layer records (the transform reads ``inputs``/``outputs``):
 | LayerNorm, BatchNorm, GroupNorm, RMSNorm | ``xhat = (y - bias) / scale`` (the normalized input), feature axes last and flattened | none |
 
 Cells inside ``nnx.RNN``, ``nn.RNN``, ``nn.scan`` or any ``jax.lax.scan`` are
-captured at every step. Layers stacked over a scan (one kernel per step) and
-layers inside ``remat``/``jax.checkpoint`` are not: they get the plain
-gradient, and the transform's warning names them.
+captured at every step, and layers inside ``nnx.remat``, ``nn.remat`` or
+``jax.checkpoint`` applied during the forward pass. Layers stacked over a scan
+(one kernel per step) and layers in a function checkpointed before the capture
+began are not: they get the plain gradient, and the transform's warning names
+them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections import defaultdict
 from typing import Any
@@ -363,9 +366,10 @@ def _nest(flat: dict[tuple, dict]) -> dict:
 # Recording, shared by NNX and linen. A frame holds the records of one JAX
 # trace; ``jax.lax.scan`` (behind ``nnx.RNN``, ``nn.RNN``, ``nn.scan``, ``nnx.scan``)
 # is wrapped so that each scan body records into its own frame and returns
-# its records as extra scan outputs, stacked over the iterations. Records made
-# under any other inner trace (``jax.checkpoint``, ``vmap`` inside the model,
-# ``nn.scan``'s constancy check) are dropped: those layers get the plain
+# its records as extra scan outputs, stacked over the iterations;
+# ``jax.checkpoint`` likewise. Records made under any other inner trace
+# (``vmap`` inside the model, ``nn.scan``'s constancy check, a function
+# checkpointed before the capture) are dropped: those layers get the plain
 # gradient and the transform's warning names them.
 
 
@@ -473,17 +477,58 @@ def _capturing_scan(original):
   return scan
 
 
+def _capturing_checkpoint(original):
+  """``jax.checkpoint`` whose function returns its records as extra outputs.
+
+  Each use is recorded again outside, under the outer key of the layer's
+  parameter: ``nnx.remat`` rebuilds its modules from its arguments and hands
+  the parameters back as outputs, which then replace the model's values.
+  """
+
+  def checkpoint(fun, *args, **kwargs):
+    keys, inner_leaves = [], []
+
+    def recording(*args, **call_kwargs):
+      frame = _Frame()
+      _FRAMES.append(frame)
+      try:
+        out = fun(*args, **call_kwargs)
+      finally:
+        _FRAMES.pop()
+      inner_leaves[:] = jax.tree.leaves((out, args, call_kwargs))
+      keys[:] = list(frame.record)
+      return out, [frame.record[key] for key in keys]
+
+    checkpointed = original(recording, *args, **kwargs)
+
+    @functools.wraps(fun)
+    def call(*args, **call_kwargs):
+      out, records = checkpointed(*args, **call_kwargs)
+      outer_leaves = jax.tree.leaves((out, args, call_kwargs))
+      for key, uses in zip(keys, records):
+        outer_key = _outer_key(key, inner_leaves, outer_leaves, [])
+        for use in uses:
+          _record(outer_key, use)
+      return out
+
+    return call
+
+  return checkpoint
+
+
 @contextlib.contextmanager
 def _capturing():
-  """A top frame, and ``jax.lax.scan`` wrapped, for one forward pass."""
+  """A top frame, with ``lax.scan`` and ``jax.checkpoint`` wrapped, for one forward pass."""
   frame = _Frame()
   _FRAMES.append(frame)
-  original = jax.lax.scan
-  jax.lax.scan = _capturing_scan(original)
+  originals = jax.lax.scan, jax.checkpoint
+  jax.lax.scan = _capturing_scan(originals[0])
+  jax.checkpoint = jax.remat = _capturing_checkpoint(originals[1])
   try:
     yield frame.record
   finally:
-    jax.lax.scan = original
+    jax.lax.scan = originals[0]
+    jax.checkpoint = jax.remat = originals[1]
     _FRAMES.pop()
 
 

@@ -15,7 +15,7 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 from test_exact_ngd import DAMPING, RELATIVE
-from test_flax import captured_gradients, one_update
+from test_flax import captured_gradients, dense_reference, one_update
 
 import sngd_jax
 
@@ -258,19 +258,82 @@ def test_linen_layernorm_over_two_feature_axes():
 
 
 class Rematted(nnx.Module):
-  """A layer called through ``nnx.remat``, and a plain head."""
+  """A layer called through ``nnx.remat`` (or directly), and a plain head."""
 
-  def __init__(self, rngs):
+  def __init__(self, rngs, remat=True):
     self.inner = nnx.Linear(3, 4, rngs=rngs, param_dtype=jnp.float64)
     self.head = nnx.Linear(4, 2, rngs=rngs, param_dtype=jnp.float64)
+    self.remat = remat
 
   def __call__(self, x):
-    h = nnx.remat(lambda layer, x: layer(x))(self.inner, x)
-    return self.head(jnp.tanh(h))
+    call = nnx.remat(_call) if self.remat else _call
+    return self.head(jnp.tanh(call(self.inner, x)))
 
 
-def test_a_layer_inside_remat_gets_the_plain_gradient_and_is_named():
-  model = Rematted(nnx.Rngs(0))
+def _call(layer, x):
+  return layer(x)
+
+
+_REMATTED_BEFORE_CAPTURE = nnx.remat(_call)
+
+
+class RemattedAtImport(Rematted):
+  """``nnx.remat`` applied once, outside any capture (a decorator at import)."""
+
+  def __call__(self, x):
+    return self.head(jnp.tanh(_REMATTED_BEFORE_CAPTURE(self.inner, x)))
+
+
+def test_a_layer_inside_nnx_remat_gets_the_update_it_gets_without_remat():
+  x = jax.random.normal(jax.random.PRNGKey(1), (5, 3), jnp.float64)
+  updates = {}
+  for remat in (False, True):
+    acts, params, grads = captured_gradients(Rematted(nnx.Rngs(0), remat), x)
+    assert set(acts) == {"inner", "head"}
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")  # no plain-gradient warning
+      updates[remat] = one_update(params, grads, acts)
+  np.testing.assert_allclose(updates[True]["inner"]["kernel"],
+                             updates[False]["inner"]["kernel"], rtol=1e-12)
+  g = grads["inner"]
+  np.testing.assert_allclose(
+      np.concatenate([updates[True]["inner"]["kernel"],
+                      updates[True]["inner"]["bias"][None]]),
+      dense_reference(x, g["kernel"], g["bias"]), rtol=1e-9)
+
+
+def test_linen_remat_layers_are_captured_under_their_parameter_paths():
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.remat(nn.Dense)(4, param_dtype=jnp.float64)(x)
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2, param_dtype=jnp.float64)(jnp.tanh(Block()(x)))
+
+  x = jax.random.normal(jax.random.PRNGKey(1), (5, 3), jnp.float64)
+  model = Model()
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+
+  def loss_fn(params):
+    y, acts = sngd_jax.linen_capture(model, {"params": params}, x)
+    return jnp.sum(jnp.sin(y)), acts
+
+  (_, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    updates = one_update(params, grads, acts)
+  update = updates["Block_0"]["CheckpointDense_0"]
+  g = grads["Block_0"]["CheckpointDense_0"]
+  np.testing.assert_allclose(
+      np.concatenate([update["kernel"], update["bias"][None]]),
+      dense_reference(x, g["kernel"], g["bias"]), rtol=1e-9)
+
+
+def test_a_remat_made_before_capture_gets_the_plain_gradient_and_is_named():
+  model = RemattedAtImport(nnx.Rngs(0))
   x = jax.random.normal(jax.random.PRNGKey(1), (5, 3), jnp.float64)
   acts, params, grads = captured_gradients(model, x)
   assert set(acts) == {"head"}  # its records live in the checkpoint's trace
