@@ -137,6 +137,31 @@ def uses_per_example(inputs) -> int:
   return math.prod(shape[1:] if ids else shape[1:-1])
 
 
+def sampled_positions(entry: dict, limit: int, key) -> dict:
+  """The entry at ``limit`` positions per example, drawn with ``key``, where it has more.
+
+  Every record with a positions axis (inputs ``(B, ..., d)``, token ids
+  ``(B, ...)``, a convolution's patches) keeps the same ``limit`` positions
+  of each example, drawn uniformly without replacement: the mean over them
+  is an unbiased estimate of the mean over all positions, at ``limit / P``
+  of the cost. Records with the same number of positions (a layer's inputs
+  and outputs) keep the same ones.
+  """
+
+  def sample(x):
+    x = _materialized(x)
+    ids = jnp.issubdtype(x.dtype, jnp.integer)
+    tail = () if ids else x.shape[-1:]
+    flat = jnp.reshape(x, x.shape[:1] + (-1,) + tail)
+    if flat.shape[1] <= limit:
+      return x
+    picked = jax.random.choice(key, flat.shape[1], (limit,), replace=False)
+    return jnp.take(flat, jnp.sort(picked), axis=1)
+
+  return {name: sample(value) if uses_per_example(value) > limit else value
+          for name, value in entry.items()}
+
+
 def _materialized(x):
   """Inputs given lazily (a convolution's ``ConvInputs``) are built here only."""
   return x.materialize() if hasattr(x, "materialize") else x

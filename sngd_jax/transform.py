@@ -426,6 +426,7 @@ def scale_by_sngd(
     output_axes: OutputAxes = None,
     axis_name: str | None = None,
     vmap_axis_name: str | None = None,
+    stats_positions: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with the damped inverse local Fisher of each layer.
 
@@ -506,6 +507,11 @@ def scale_by_sngd(
       Without it a batched step counter turns every conditional into a
       select, and the statistics and inverses run at every step. Each model
       keeps its own statistics.
+    stats_positions: a layer used at more positions per example than this
+      (conv positions, tokens, scan steps) takes its statistic from this many
+      of them, drawn at random at each statistics step (the same for every
+      example): an unbiased estimate of the mean over all positions at
+      ``stats_positions / P`` of the cost. ``None``: every position.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -528,6 +534,11 @@ def scale_by_sngd(
             layer_fisher, solver, nystrom)
   if isinstance(kl_clip, (int, float)) and kl_clip <= 0:  # not traced
     raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip}")
+  if stats_positions is not None and (
+      isinstance(stats_positions, bool) or not isinstance(stats_positions, int)
+      or stats_positions < 1):
+    raise ValueError("stats_positions must be None or an integer >= 1, got "
+                     f"{stats_positions!r}")
   _validate_per_layer("weight_sharing", weight_sharing, WEIGHT_SHARING)
 
   def sharing(path):
@@ -615,10 +626,19 @@ def scale_by_sngd(
     # program skips them all at once.
     def all_statistics():
       out, faults = {}, jnp.zeros([], jnp.int32)
-      for path, layer in active.items():
+      # The positions drawn depend on the step and the layer only: every
+      # device and every model draws the same ones.
+      step_key = jax.random.fold_in(jax.random.key(0), count)
+      for index, (path, layer) in enumerate(active.items()):
+        entry = entries[path]
         with jax.named_scope(f"sngd/{path}"):
+          if stats_positions is not None:
+            sampled = fisher.sampled_positions(
+                entry, stats_positions, jax.random.fold_in(step_key, index))
+          else:
+            sampled = entry
           out[path], fault = _statistic_ema(
-              layer, entries[path], state.stats[path], ema_decay,
+              layer, sampled, entry, state.stats[path], ema_decay,
               sharing(path) == "reduce", axis_name)
         faults += fault.astype(jnp.int32)
       return out, faults
@@ -683,17 +703,20 @@ def scale_by_sngd(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _statistic_ema(layer, entry, old, ema_decay, reduce, axis_name=None):
+def _statistic_ema(layer, sampled, entry, old, ema_decay, reduce,
+                   axis_name=None):
   """EMA of the layer's statistic; a non-finite batch statistic is skipped.
 
-  With ``reduce`` (one loss per example) the statistic sums over the uses of
-  each example, as its Fisher does; otherwise (``expand``: a loss per
+  The statistic is the mean over the ``sampled`` entry's rows (all of
+  ``entry``'s, or some positions of each example). With ``reduce`` (one loss
+  per example) it sums over the uses of each example, as its Fisher does:
+  times ``entry``'s uses per example; otherwise (``expand``: a loss per
   position) every use counts as an example and the statistic averages.
   Returns the new statistics and whether this batch's was skipped.
   """
   with jax.named_scope("statistics"):
     dtype = jax.tree.leaves(old)[0].dtype
-    stat = layer.block.statistic(entry, dtype)
+    stat = layer.block.statistic(sampled, dtype)
     if reduce:
       stat = layer.block.scaled(stat, entry)
     stat = jax.tree.map(lambda s, o: s.astype(o.dtype), stat, old)
@@ -789,6 +812,7 @@ def sngd(
     output_axes: OutputAxes = None,
     axis_name: str | None = None,
     vmap_axis_name: str | None = None,
+    stats_positions: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SNGD: the preconditioner alone, or the complete optimizer.
 
@@ -808,7 +832,7 @@ def sngd(
     weight_decay_mask: ``optax.add_decayed_weights``' mask.
     ema_decay, damping, relative_damping, stats_every, inverse_every,
     layer_fisher, solver, nystrom, kl_clip, weight_sharing, output_axes,
-    axis_name, vmap_axis_name: see
+    axis_name, vmap_axis_name, stats_positions: see
       :func:`scale_by_sngd`. ``kl_clip`` bounds the step heavy-ball momentum
       takes along a steady direction, ``learning_rate / (1 - momentum)``.
 
@@ -837,7 +861,7 @@ def sngd(
       layer_fisher=layer_fisher, solver=solver, nystrom=nystrom,
       kl_clip=kl_clip, learning_rate=clip_rate, weight_sharing=weight_sharing,
       output_axes=output_axes, axis_name=axis_name,
-      vmap_axis_name=vmap_axis_name)]
+      vmap_axis_name=vmap_axis_name, stats_positions=stats_positions)]
   if not (weight_decay is None or _is_number(weight_decay) and weight_decay == 0):
     parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
   if not (momentum is None or _is_number(momentum) and momentum == 0):

@@ -18,6 +18,7 @@ from flax import nnx
 from test_exact_ngd import FORMULA, damp
 
 import sngd_jax
+from sngd_jax import fisher
 
 
 def exact_ngd(model, params, examples, grads):
@@ -143,3 +144,47 @@ def test_weight_sharing_rejects_unknown_modes_naming_the_layer():
   with pytest.raises(ValueError, match="'dense'"):
     tx.update(params, tx.init(params), params,
               activations={"dense": {"inputs": jnp.ones((2, 3))}})
+
+
+def test_sampled_positions_keep_the_statistics_scale():
+  # A spatially constant input under circular padding: every position's patch
+  # is the same, so a statistic from 2 of the 9 positions equals the full one
+  # only if it is still summed over all 9 uses of each example.
+  conv = nnx.Conv(2, 3, (3, 3), padding="CIRCULAR", rngs=nnx.Rngs(0),
+                  param_dtype=jnp.float64)
+  graphdef, params = nnx.split(conv, nnx.Param)
+  x = jnp.broadcast_to(jax.random.normal(jax.random.PRNGKey(1), (6, 1, 1, 2),
+                                         jnp.float64), (6, 3, 3, 2))
+  grads = jax.tree.map(lambda p: jnp.sin(jnp.arange(p.size, dtype=p.dtype)
+                                         ).reshape(p.shape), params)
+  _, acts = sngd_jax.nnx_capture(nnx.merge(graphdef, params), x)
+
+  def update(stats_positions):
+    tx = sngd_jax.scale_by_sngd(**FORMULA, stats_positions=stats_positions)
+    return tx.update(grads, tx.init(params), params, activations=acts)[0]
+
+  assert_tree_close(update(2), update(None))
+
+
+def test_sampled_positions_are_an_unbiased_estimate_shared_by_inputs_and_outputs():
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 2), jnp.float64)
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (2, 4), jnp.float64)
+  entry = {"inputs": x, "outputs": x @ kernel}
+  one = fisher.sampled_positions(entry, 2, jax.random.key(3))
+  assert one["inputs"].shape == (3, 2, 2)
+  np.testing.assert_allclose(one["outputs"], one["inputs"] @ kernel)
+  # Each input row is one of its example's positions.
+  assert all(any(np.allclose(row, x[n, t]) for t in range(5))
+             for n in range(3) for row in np.asarray(one["inputs"][n]))
+
+  def statistic(key):
+    sampled = fisher.sampled_positions(entry, 2, key)["inputs"]
+    return fisher.second_moment(fisher.features(sampled, 3, jnp.float64))
+
+  keys = jax.random.split(jax.random.key(4), 4000)
+  estimate = jnp.mean(jax.vmap(statistic)(keys), axis=0)
+  exact = fisher.second_moment(fisher.features(x, 3, jnp.float64))
+  np.testing.assert_allclose(estimate, exact, atol=0.03 * np.abs(exact).max())
+  # A layer with no more positions than the limit keeps all of them.
+  np.testing.assert_array_equal(
+      fisher.sampled_positions(entry, 5, jax.random.key(3))["inputs"], x)
