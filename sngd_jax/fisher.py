@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sngd_jax import linalg
+from sngd_jax import linalg, split
 
 Array = jax.Array
 
@@ -109,17 +109,21 @@ def second_moment(xt):
   return batch_mean("ni,nj->ij", xt, xt)
 
 
-def _vmapped_inverse(stats, damping, relative_damping, solver):
-  """Inverts a layer's per-unit blocks ``(units, n, n)`` in one batched vmap.
+def _unit_shift(stats, damping, relative_damping):
+  """The damping of a layer's per-unit blocks ``(units, n, n)``.
 
-  The damping is that of the layer's whole block-diagonal Fisher (its trace
-  over its dimension), shared by every unit: a unit whose own block is tiny
-  (a nearly dead ReLU) is not amplified by a damping that shrinks with it.
+  It is that of the layer's whole block-diagonal Fisher (its trace over its
+  dimension), shared by every unit: a unit whose own block is tiny (a nearly
+  dead ReLU) is not amplified by a damping that shrinks with it.
   """
   units, n, _ = stats.shape
   trace = jnp.sum(jnp.trace(stats, axis1=-2, axis2=-1))
-  shift = linalg.damping_for(trace, units * n, damping, relative_damping)
-  eye = jnp.eye(n, dtype=stats.dtype)
+  return linalg.damping_for(trace, units * n, damping, relative_damping)
+
+
+def _vmapped_inverse(stats, shift, solver):
+  """Inverts per-unit blocks ``(units, n, n)``, each shifted, in one batched vmap."""
+  eye = jnp.eye(stats.shape[-1], dtype=stats.dtype)
   return jax.vmap(lambda g: linalg.inverse(g + shift * eye, solver))(stats)
 
 
@@ -184,6 +188,24 @@ class _Block:
     uses = uses_per_example(entry["inputs"])
     return jax.tree.map(lambda s: s * uses, stats)
 
+  def refresh_split(self, stacked, damping, relative_damping, solver, axis):
+    """The refresh of ``k`` such blocks (stacked on a leading axis) with the
+    devices of the bound ``axis`` sharing the work (``sngd_jax.split``)."""
+    blocks = jax.tree.leaves(stacked)[0].shape[0]
+    fresh = [self.refresh_part(jax.tree.map(lambda x, i=i: x[i], stacked),
+                               damping, relative_damping, solver, axis)
+             for i in range(blocks)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *fresh)
+
+  def refresh_part(self, stats, damping, relative_damping, solver, axis):
+    """One block's refresh, divided among ``axis``'s devices where it pays.
+
+    Blocks whose refresh is cheap (softmax, embeddings: eigendecompositions of
+    the small factors) compute it whole on every device.
+    """
+    del axis
+    return self.refresh(stats, damping, relative_damping, solver)
+
   def apply(self, precond, g, entry):
     del entry
     return self.apply_matrix(precond, g)
@@ -209,6 +231,32 @@ class Linear(_Block):
   def refresh(self, stats, damping, relative_damping, solver):
     return linalg.inverse(
         linalg.damped(stats, damping, relative_damping), solver)
+
+  def refresh_split(self, stacked, damping, relative_damping, solver, axis):
+    """``k`` blocks ``(k, n, n)`` on ``D`` devices: with ``k >= D`` each
+    device inverts its ``ceil(k / D)`` whole blocks; else each block gets
+    ``D // k`` devices, which solve for its columns, a share each (the
+    Cholesky factor is computed by each of them)."""
+    blocks, devices = stacked.shape[0], jax.lax.axis_size(axis)
+    damped = jax.vmap(lambda g: linalg.damped(g, damping, relative_damping))(
+        stacked)
+    if blocks >= devices:
+      mine, index, per = split.my_rows(
+          damped, axis, fill=jnp.eye(self.n, dtype=stacked.dtype))
+      inverses = jax.vmap(lambda a: linalg.inverse(a, solver))(mine)
+      return split.assemble(inverses, axis, index, per, blocks, dim=0)
+    sharing = devices // blocks  # devices per block; the rest idle
+    device = jax.lax.axis_index(axis)
+    which, share = jnp.minimum(device // sharing, blocks - 1), device % sharing
+    per = -(-self.n // sharing)
+    columns = share * per + jnp.arange(per)
+    rhs = (jnp.arange(self.n)[:, None] == columns[None, :]).astype(stacked.dtype)
+    mine = linalg.inverse(damped[which], solver, rhs)
+    mine = jnp.where(device < sharing * blocks, mine, 0.0)  # idle: nothing
+    whole = jax.lax.dynamic_update_slice(
+        jnp.zeros((blocks, self.n, per * sharing), stacked.dtype),
+        mine[None], (which, 0, share * per))
+    return jax.lax.psum(whole, axis)[:, :, :self.n]
 
   def apply_matrix(self, precond, g):
     return precond @ g
@@ -247,13 +295,18 @@ class NystromLinear(_Block):
     return {"columns": batch_mean("ni,nj->ij", xt, xt[:, np.array(self.columns)]),
             "diagonal": jnp.mean(xt * xt, axis=0)}
 
-  def refresh(self, stats, damping, relative_damping, solver):
+  def refresh(self, stats, damping, relative_damping, solver, axis=None):
     del solver  # Woodbury needs one m x m Cholesky, whatever the solver.
     shift = linalg.damping_for(
         jnp.sum(stats["diagonal"]), self.n, damping, relative_damping)
     basis, core, shift = linalg.nystrom_factors(
-        stats["columns"], np.array(self.columns), shift, stats["diagonal"])
+        stats["columns"], np.array(self.columns), shift, stats["diagonal"],
+        axis)
     return {"basis": basis, "core": core, "shift": shift}
+
+  def refresh_part(self, stats, damping, relative_damping, solver, axis):
+    # Each device computes its rows of the basis.
+    return self.refresh(stats, damping, relative_damping, solver, axis)
 
   def apply_matrix(self, precond, g):
     return linalg.nystrom_apply(
@@ -279,7 +332,16 @@ class _UnitBlocks(_Block):
         jnp.eye(self.n, dtype=dtype), (self.d_out, self.n, self.n))
 
   def refresh(self, stats, damping, relative_damping, solver):
-    return _vmapped_inverse(stats, damping, relative_damping, solver)
+    return _vmapped_inverse(
+        stats, _unit_shift(stats, damping, relative_damping), solver)
+
+  def refresh_part(self, stats, damping, relative_damping, solver, axis):
+    # Each device inverts its units' blocks (past the last unit: identities).
+    shift = _unit_shift(stats, damping, relative_damping)
+    mine, index, per = split.my_rows(
+        stats, axis, fill=jnp.eye(self.n, dtype=stats.dtype))
+    return split.assemble(_vmapped_inverse(mine, shift, solver), axis, index,
+                          per, self.d_out, dim=0)
 
   def apply_matrix(self, precond, g):
     # update[:, j] = P_j @ g[:, j]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sngd_jax import split
+
 SOLVERS = ("cholesky", "eigh", "denman_beavers")
 
 
@@ -26,10 +28,15 @@ def damped(g, damping, relative_damping):
   return g + shift * jnp.eye(dim, dtype=g.dtype)
 
 
-def cholesky_inverse(a):
-  """Inverse of a symmetric positive definite matrix through Cholesky."""
+def _identity_if_none(a, rhs):
+  return jnp.eye(a.shape[-1], dtype=a.dtype) if rhs is None else rhs
+
+
+def cholesky_inverse(a, rhs=None):
+  """``A^{-1} rhs`` (the inverse, without ``rhs``) of a symmetric positive
+  definite matrix through Cholesky."""
   chol = jax.scipy.linalg.cho_factor(a, lower=True)
-  return jax.scipy.linalg.cho_solve(chol, jnp.eye(a.shape[-1], dtype=a.dtype))
+  return jax.scipy.linalg.cho_solve(chol, _identity_if_none(a, rhs))
 
 
 def _rejected_unless(ok, x):
@@ -37,15 +44,16 @@ def _rejected_unless(ok, x):
   return jnp.where(ok, x, jnp.nan)
 
 
-def eigh_inverse(a):
-  """Inverse of a symmetric positive definite matrix through ``eigh``.
+def eigh_inverse(a, rhs=None):
+  """``A^{-1} rhs`` (the inverse, without ``rhs``) through ``eigh``.
 
   A damped block has eigenvalues of at least its damping; an ``eigh`` that
   returns one at or below zero (rounding on an ill-conditioned block) would
   give an indefinite inverse, an ascent direction: the result is rejected.
   """
   eigvals, eigvecs = jnp.linalg.eigh(a)
-  return _rejected_unless(jnp.min(eigvals) > 0, (eigvecs / eigvals) @ eigvecs.T)
+  right = eigvecs.T if rhs is None else eigvecs.T @ rhs
+  return _rejected_unless(jnp.min(eigvals) > 0, (eigvecs / eigvals) @ right)
 
 
 def denman_beavers(a, iterations: int = 24):
@@ -79,8 +87,9 @@ def denman_beavers(a, iterations: int = 24):
   return y * root, z / root
 
 
-def denman_beavers_inverse(a, tolerance: float = 1e-3):
-  """Inverse of ``a`` as ``A^{-1/2} A^{-1/2}``: the reconstruction's map.
+def denman_beavers_inverse(a, rhs=None, tolerance: float = 1e-3):
+  """``A^{-1/2} A^{-1/2} rhs`` (the inverse, without ``rhs``): the
+  reconstruction's map.
 
   Rejected (NaN) unless the iteration converged: the residual
   ``||A^{-1/2} A A^{-1/2} - I||_F / sqrt(n)`` must be below ``tolerance``.
@@ -89,21 +98,25 @@ def denman_beavers_inverse(a, tolerance: float = 1e-3):
   eye = jnp.eye(a.shape[-1], dtype=a.dtype)
   residual = jnp.linalg.norm(inv_sqrt @ a @ inv_sqrt - eye) / jnp.sqrt(
       a.shape[-1])
-  return _rejected_unless(residual < tolerance, inv_sqrt @ inv_sqrt)
+  return _rejected_unless(residual < tolerance,
+                          inv_sqrt @ (inv_sqrt @ _identity_if_none(a, rhs)))
 
 
-def inverse(a, solver: str):
-  """Inverse of a damped block with the named solver."""
+def inverse(a, solver: str, rhs=None):
+  """``A^{-1} rhs`` (the inverse, without ``rhs``) of a damped block with the
+  named solver: ``rhs``, some columns of the identity, is how a device
+  computes its columns of a divided refresh."""
   if solver == "cholesky":
-    return cholesky_inverse(a)
+    return cholesky_inverse(a, rhs)
   if solver == "eigh":
-    return eigh_inverse(a)
+    return eigh_inverse(a, rhs)
   if solver == "denman_beavers":
-    return denman_beavers_inverse(a)
+    return denman_beavers_inverse(a, rhs)
   raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
 
 
-def nystrom_factors(columns, column_index, shift, diagonal=None):
+def nystrom_factors(columns, column_index, shift, diagonal=None,
+                    axis_name=None):
   """Woodbury factors of ``(shift * I + C W^+ C^T)^{-1}``.
 
   The Nystrom approximation of a PSD matrix G from m of its columns
@@ -125,6 +138,8 @@ def nystrom_factors(columns, column_index, shift, diagonal=None):
     column_index: ``S``, integer array ``(m,)``: which rows of C form W.
     shift: the damping, a positive scalar.
     diagonal: G's diagonal ``(n,)``, for the spectral shift; ``None``: none.
+    axis_name: a bound device axis (``sngd_jax.split``) whose devices divide
+      the O(n m^2) products by rows; the result is whole on every device.
 
   Returns:
     ``(basis, core, shift)``: ``B (n, m)``, ``(shift I + B^T B)^{-1} (m, m)``
@@ -134,13 +149,21 @@ def nystrom_factors(columns, column_index, shift, diagonal=None):
   vals, vecs = jnp.linalg.eigh(0.5 * (w + w.T))
   cutoff = jnp.finfo(w.dtype).eps * w.shape[0] * jnp.max(vals)
   inv_sqrt = jnp.where(vals > cutoff, 1.0 / jnp.sqrt(jnp.maximum(vals, cutoff)), 0.0)
-  basis = columns @ (vecs * inv_sqrt)
+  n, m = columns.shape
+  if axis_name is None:
+    basis = columns @ (vecs * inv_sqrt)
+    gram, captured = basis.T @ basis, jnp.sum(basis * basis)
+  else:  # each device its rows of B; B^T B and its trace summed over them
+    rows, index, per = split.my_rows(columns, axis_name)
+    mine = rows @ (vecs * inv_sqrt)
+    basis = split.assemble(mine, axis_name, index, per, n, dim=0)
+    gram, captured = jax.lax.psum((mine.T @ mine, jnp.sum(mine * mine)),
+                                  axis_name)
   if diagonal is not None:
-    n, m = basis.shape
-    residual = jnp.sum(diagonal) - jnp.sum(basis * basis)
+    residual = jnp.sum(diagonal) - captured
     shift = shift + jnp.maximum(residual, 0.0) / max(n - m, 1)
-  eye = jnp.eye(w.shape[0], dtype=w.dtype)
-  return basis, cholesky_inverse(shift * eye + basis.T @ basis), shift
+  eye = jnp.eye(m, dtype=w.dtype)
+  return basis, cholesky_inverse(shift * eye + gram), shift
 
 
 def nystrom_apply(basis, core, shift, v):

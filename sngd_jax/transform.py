@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sngd_jax import fisher, linalg
+from sngd_jax import fisher, linalg, split
 
 # A per-layer option: one value, a mapping from glob patterns of layer paths to
 # values, or a callable from the path to a value.
@@ -427,6 +427,7 @@ def scale_by_sngd(
     axis_name: str | None = None,
     vmap_axis_name: str | None = None,
     stats_positions: int | None = None,
+    refresh_axis: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with the damped inverse local Fisher of each layer.
 
@@ -512,6 +513,12 @@ def scale_by_sngd(
       of them, drawn at random at each statistics step (the same for every
       example): an unbiased estimate of the mean over all positions at
       ``stats_positions / P`` of the cost. ``None``: every position.
+    refresh_axis: a device axis whose devices divide the refresh among them
+      (each computes its columns of every exact inverse, its units of the
+      per-unit blocks, its rows of the Nystrom bases; one ``psum`` assembles
+      each block on every device): the axis of a ``jax.pmap``/``shard_map``
+      running the step, or an axis of the mesh set by ``jax.set_mesh`` under
+      ``jax.jit``. ``None``: every device computes every inverse.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -539,6 +546,9 @@ def scale_by_sngd(
       or stats_positions < 1):
     raise ValueError("stats_positions must be None or an integer >= 1, got "
                      f"{stats_positions!r}")
+  if refresh_axis is not None and not isinstance(refresh_axis, str):
+    raise ValueError("refresh_axis must be None or a mesh axis name, got "
+                     f"{refresh_axis!r}")
   _validate_per_layer("weight_sharing", weight_sharing, WEIGHT_SHARING)
 
   def sharing(path):
@@ -664,20 +674,31 @@ def scale_by_sngd(
     refresh = for_every_model(((count % inverse_every == 0)
                                | (young & (count % stats_every == 0)))
                               & (weight > 0))
-    # Refreshes keep a cond per layer: one cond around all of them (each with
-    # its retry cond inside) deadlocks XLA:CPU's concurrent scheduler
-    # (jax 0.10.2).
+    # Refreshes keep a cond per layer (one cond around all of them, each with
+    # its retry cond inside, deadlocks XLA:CPU's concurrent scheduler in jax
+    # 0.10.2). Where refresh_axis divides the work, layers with the same
+    # block (kind and size) share a cond: their devices divide the group.
     fresh_preconditioners, inverse_faults = {}, jnp.zeros([], jnp.int32)
-    for path, layer in active.items():
-      with jax.named_scope(f"sngd/{path}"):
-        fresh_preconditioners[path], fault = jax.lax.cond(
-            refresh,
-            lambda layer=layer, path=path: _refreshed(
-                layer, stats[path], state.preconditioners[path], damping,
-                warm_damping.astype(jax.tree.leaves(stats[path])[0].dtype),
-                solver, weight > 0, for_every_model),
-            lambda path=path: (state.preconditioners[path], jnp.array(False)))
-      inverse_faults += fault.astype(jnp.int32)
+    for paths in _refresh_groups(active, stats, refresh_axis):
+      block = active[paths[0]].block
+
+      def refresh_group(paths=paths, block=block):
+        stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+        fresh, faults = _refreshed(
+            block, stack([stats[p] for p in paths]),
+            stack([state.preconditioners[p] for p in paths]), damping,
+            warm_damping.astype(jax.tree.leaves(stats[paths[0]])[0].dtype),
+            solver, weight > 0, for_every_model, refresh_axis)
+        return [jax.tree.map(lambda x, i=i: x[i], fresh)
+                for i in range(len(paths))], faults
+
+      with jax.named_scope(f"sngd/{paths[0]}"):
+        fresh, faults = jax.lax.cond(
+            refresh, refresh_group,
+            lambda paths=paths: ([state.preconditioners[p] for p in paths],
+                                 jnp.zeros([], jnp.int32)))
+      fresh_preconditioners.update(zip(paths, fresh))
+      inverse_faults += faults
     preconditioners = {**state.preconditioners, **fresh_preconditioners}
     directions, vg = {}, jnp.zeros([], jnp.float32)
     for path, layer in active.items():
@@ -728,37 +749,72 @@ def _statistic_ema(layer, sampled, entry, old, ema_decay, reduce,
     return jax.tree.map(lambda e, o: jnp.where(ok, e, o), ema, old), ~ok
 
 
-def _refreshed(layer, stats, old, damping, relative_damping, solver, valid,
-               for_every_model):
-  """New damped inverse; a non-finite one is retried with more damping, then rejected.
+def _refresh_groups(active, stats, refresh_axis) -> list[list[str]]:
+  """The layers refreshed together: alone, or with ``refresh_axis`` grouped by
+  block (kind and size) and statistics dtype, so a group's devices can
+  divide it (``fisher.Linear.refresh_split``)."""
+  if refresh_axis is None:
+    return [[path] for path in active]
+  groups: dict[tuple, list[str]] = {}
+  for path, layer in active.items():
+    dtype = jax.tree.leaves(stats[path])[0].dtype
+    groups.setdefault((layer.block, dtype), []).append(path)
+  return list(groups.values())
 
-  Returns the preconditioner and whether the first attempt failed. A block
-  too close to singular for its damping is the usual cause, so one retry uses
-  100x ``damping`` and at least 1e-3 ``relative_damping``; if that fails too,
-  the last good preconditioner is kept. Statistics that are not ``valid``
-  (none taken yet) keep the old preconditioner. ``for_every_model`` makes the
+
+def _finite_blocks(tree) -> jax.Array:
+  """``(k,)``: which of the ``k`` stacked blocks (leading axis) are finite."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
+                            for x in jax.tree.leaves(tree)]), axis=0)
+
+
+def _where_blocks(keep, new, old):
+  """Block ``i`` of ``new`` where ``keep[i]``, else of ``old`` (leading axis)."""
+  return jax.tree.map(lambda n, o: jnp.where(
+      jnp.reshape(keep, keep.shape + (1,) * (n.ndim - 1)), n, o), new, old)
+
+
+def _refreshed(block, stats, old, damping, relative_damping, solver, valid,
+               for_every_model, refresh_axis=None):
+  """New damped inverses of ``k`` alike blocks stacked on a leading axis.
+
+  A non-finite one is retried with more damping, then rejected. Returns the
+  preconditioners and how many first attempts failed. A block too close to
+  singular for its damping is the usual cause, so one retry uses 100x
+  ``damping`` and at least 1e-3 ``relative_damping``; if that fails too, the
+  last good preconditioner is kept. Statistics that are not ``valid`` (none
+  taken yet) keep the old preconditioners. ``for_every_model`` makes the
   decision to retry once for all models under vmap (each keeps its own
-  result).
+  result). With ``refresh_axis`` the devices of that axis share each attempt
+  (``sngd_jax.split``); every device gets the whole result, so they all take
+  the same decisions.
   """
 
+  def refresh(stats, damping, relative_damping):
+    if refresh_axis is None:  # one layer alone
+      unstacked = jax.tree.map(lambda x: x[0], stats)
+      return jax.tree.map(lambda x: x[None], block.refresh(
+          unstacked, damping, relative_damping, solver))
+    return split.on_axis(refresh_axis, lambda *operands: block.refresh_split(
+        *operands, solver, refresh_axis), stats, damping, relative_damping)
+
   def attempt(boost, floor):
-    fresh = jax.tree.map(lambda f, o: f.astype(o.dtype), layer.block.refresh(
-        stats, damping * boost, jnp.maximum(relative_damping * boost, floor),
-        solver), old)
-    return fresh, _all_finite(fresh)
+    fresh = jax.tree.map(lambda f, o: f.astype(o.dtype), refresh(
+        stats, jnp.asarray(damping * boost),
+        jnp.maximum(relative_damping * boost, floor)), old)
+    return fresh, _finite_blocks(fresh)
 
   with jax.named_scope("refresh"):
     fresh, ok = attempt(1.0, 0.0)
 
     def retried():
       again, again_ok = attempt(100.0, 1e-3)
-      return (jax.tree.map(lambda f, a: jnp.where(ok, f, a), fresh, again),
-              ok | again_ok)
+      return _where_blocks(ok, fresh, again), ok | again_ok
 
-    fresh, good = jax.lax.cond(for_every_model(~ok), retried,
+    fresh, good = jax.lax.cond(for_every_model(~jnp.all(ok)), retried,
                                lambda: (fresh, ok))
-    keep = good & valid
-    return jax.tree.map(lambda f, o: jnp.where(keep, f, o), fresh, old), ~ok
+    return (_where_blocks(good & valid, fresh, old),
+            jnp.sum(~ok).astype(jnp.int32))
 
 
 def _kl_clip_scale(vg, learning_rate, kl_clip):
@@ -813,6 +869,7 @@ def sngd(
     axis_name: str | None = None,
     vmap_axis_name: str | None = None,
     stats_positions: int | None = None,
+    refresh_axis: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SNGD: the preconditioner alone, or the complete optimizer.
 
@@ -832,7 +889,7 @@ def sngd(
     weight_decay_mask: ``optax.add_decayed_weights``' mask.
     ema_decay, damping, relative_damping, stats_every, inverse_every,
     layer_fisher, solver, nystrom, kl_clip, weight_sharing, output_axes,
-    axis_name, vmap_axis_name, stats_positions: see
+    axis_name, vmap_axis_name, stats_positions, refresh_axis: see
       :func:`scale_by_sngd`. ``kl_clip`` bounds the step heavy-ball momentum
       takes along a steady direction, ``learning_rate / (1 - momentum)``.
 
@@ -861,7 +918,8 @@ def sngd(
       layer_fisher=layer_fisher, solver=solver, nystrom=nystrom,
       kl_clip=kl_clip, learning_rate=clip_rate, weight_sharing=weight_sharing,
       output_axes=output_axes, axis_name=axis_name,
-      vmap_axis_name=vmap_axis_name, stats_positions=stats_positions)]
+      vmap_axis_name=vmap_axis_name, stats_positions=stats_positions,
+      refresh_axis=refresh_axis)]
   if not (weight_decay is None or _is_number(weight_decay) and weight_decay == 0):
     parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
   if not (momentum is None or _is_number(momentum) and momentum == 0):

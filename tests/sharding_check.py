@@ -3,7 +3,9 @@
 Prints the largest relative difference between single-device training and
 (a) data-parallel training (batch sharded, params replicated) and
 (b) params sharded by NamedSharding along their output axis, and under
-pmap, shard_map (both with ``axis_name``) and an explicit-sharding mesh.
+pmap, shard_map (both with ``axis_name``) and an explicit-sharding mesh; then
+the refresh divided among the devices (``refresh_axis``) in each style, and
+the per-device FLOPs of that refresh against one device's.
 """
 
 import json
@@ -12,11 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from helpers import blobs, loss_and_acts, mlp_params
+from helpers import blobs, loss_and_acts, mlp_forward, mlp_params
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sngd_jax
+from sngd_jax import transform
+from sngd_jax.bench import flops
 
 assert jax.device_count() == 8, jax.devices()
 params = mlp_params(jax.random.PRNGKey(0), [16, 32, 8], jnp.float32)
@@ -138,6 +142,98 @@ with jax.set_mesh(explicit_mesh):
       jax.jit(embedded_step))
 
 
+# The refresh divided among the devices: a Nystrom block, per-unit blocks and
+# two exact blocks of one size (a group: 4 devices each on 8, whole blocks on
+# 2), against one device.
+split_params = mlp_params(jax.random.PRNGKey(4), [40, 24, 24, 24, 8], jnp.float32)
+split_x, split_labels = blobs(jax.random.PRNGKey(5), n=64, d=40, classes=8,
+                              dtype=jnp.float32)
+split_options = dict(inverse_every=2, kl_clip=None, layer_fisher={"layer1": "relu"},
+                     nystrom=sngd_jax.Nystrom(rank=8, min_dim=32))
+
+
+def split_train(tx, params, x, labels, run, mean_grads=False, mean_loss=False):
+  def step(params, state, x, labels):
+    def loss(params):
+      logits, acts = mlp_forward(params, x)
+      # A one-hot product: explicit sharding refuses a gather by sharded labels.
+      value = -jnp.mean(jnp.sum(jax.nn.log_softmax(logits)
+                                * jax.nn.one_hot(labels, 8), axis=-1))
+      return (jax.lax.pmean(value, "data") if mean_loss else value), acts
+    (_, acts), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    if mean_grads:
+      grads = jax.lax.pmean(grads, "data")
+    updates, state = tx.update(grads, state, params, activations=acts)
+    return optax.apply_updates(params, updates), state
+  return run(step, params, tx.init(params), x, labels)
+
+
+def run_steps(step, params, state, x, labels):
+  step = jax.jit(step)
+  for _ in range(6):
+    params, state = jax.block_until_ready(step(params, state, x, labels))
+  return params, state
+
+
+split_single, _ = split_train(sngd_jax.sngd(0.1, momentum=0.9, **split_options),
+                              split_params, split_x, split_labels, run_steps)
+split_tx = sngd_jax.sngd(0.1, momentum=0.9, refresh_axis="data", **split_options)
+split_results = {}
+for name, devices in (("split_jit_8", 8), ("split_jit_2", 2)):
+  mesh_n = jax.make_mesh((devices,), ("data",), devices=jax.devices()[:devices],
+                         axis_types=(jax.sharding.AxisType.Auto,))
+  with jax.set_mesh(mesh_n):
+    on = lambda a, spec, mesh_n=mesh_n: jax.device_put(a, NamedSharding(mesh_n, spec))
+    split_results[name], split_state = split_train(
+        split_tx, on(split_params, P()), on(split_x, P("data")),
+        on(split_labels, P("data")), run_steps)
+with jax.set_mesh(explicit_mesh):
+  on = lambda a, spec: jax.device_put(a, NamedSharding(explicit_mesh, spec))
+  split_results["split_explicit"], _ = split_train(
+      split_tx, on(split_params, P()), on(split_x, P("data")),
+      on(split_labels, P("data")), run_steps)
+split_tx_mapped = sngd_jax.sngd(0.1, momentum=0.9, refresh_axis="data",
+                                axis_name="data", **split_options)
+
+
+def run_pmap(step, params, state, x, labels):
+  stepped = jax.pmap(step, axis_name="data")
+  carry = (stack(params), stack(state))
+  for _ in range(6):
+    carry = jax.block_until_ready(stepped(*carry, x.reshape(8, 8, -1),
+                                          labels.reshape(8, 8)))
+  return jax.tree.map(lambda a: a[0], carry[0]), None
+
+
+def run_shard_map(step, params, state, x, labels):
+  stepped = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
+                                  out_specs=(P(), P())))
+  for _ in range(6):
+    params, state = jax.block_until_ready(stepped(params, state, x, labels))
+  return params, state
+
+
+split_results["split_pmap"], _ = split_train(
+    split_tx_mapped, split_params, split_x, split_labels, run_pmap, mean_grads=True)
+split_results["split_shard_map"], _ = split_train(
+    split_tx_mapped, split_params, split_x, split_labels, run_shard_map,
+    mean_loss=True)
+
+# Per-device FLOPs of the divided refresh on 8 devices, against one device's:
+# the autoencoder's layers with the defaults (exact 501/251/31 blocks, rank-32
+# Nystrom blocks for 785 and 1001 rows).
+sizes = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
+ae = {f"l{i}": {"kernel": jnp.zeros((a, b)), "bias": jnp.zeros(b)}
+      for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
+ae_layers, _, _ = transform.plan_layers(ae, "linear", sngd_jax.Nystrom())
+ae_stats = {layer.path: layer.block.init(jnp.float32) for layer in ae_layers}
+one = jax.jit(lambda s: flops.refresh({}, ae_layers, s)).lower(ae_stats).compile()
+with jax.set_mesh(mesh):
+  eight = jax.jit(lambda s: flops.refresh({}, ae_layers, s, "data")).lower(
+      ae_stats).compile()
+refresh_flops_ratio = flops.program_flops(eight) / flops.program_flops(one)
+
+
 def rel(a, b):
   return max(float(jnp.linalg.norm(np.asarray(u) - np.asarray(v)) / jnp.linalg.norm(np.asarray(v)))
              for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
@@ -150,6 +246,9 @@ print(json.dumps({
     "pmap": rel(jax.tree.map(lambda a: a[0], pmap_params), single),
     "shard_map": rel(shard_map_params, single),
     "explicit_mesh": rel(explicit, explicit_single),
+    **{name: rel(result, split_single) for name, result in split_results.items()},
+    "split_faults": int(split_state[0].inverse_faults),
+    "refresh_flops_ratio": refresh_flops_ratio,
     "pmap_spread": pmap_spread,
     "kernel_sharding": list(kernel.sharding.spec),
     "batch_devices": len(data_parallel["layer0"]["kernel"].sharding.device_set),

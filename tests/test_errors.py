@@ -139,3 +139,14 @@ def test_activations_of_layers_mapped_to_none_are_ignored(setup):
     updates, state = tx.update(grads, tx.init(params), params, activations=acts)
   assert sorted(state[0].stats) == ["encoder/layer1"]
   assert jnp.allclose(updates["encoder"]["layer0"]["kernel"], -0.1)
+
+
+def test_refresh_axis_without_that_axis_names_it_and_says_how():
+  params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+  x = jnp.ones((4, 3))
+  acts = {"dense": {"inputs": x, "outputs": x @ params["dense"]["kernel"]}}
+  tx = sngd_jax.scale_by_sngd(refresh_axis="data")
+  with pytest.raises(ValueError, match="refresh_axis='data'.*jax.set_mesh"):
+    tx.update(params, tx.init(params), params, activations=acts)
+  with pytest.raises(ValueError, match="refresh_axis must be None or a mesh axis"):
+    sngd_jax.scale_by_sngd(refresh_axis=0)

@@ -24,4 +24,12 @@ def test_sharded_training_matches_single_device():
   assert report["shard_map"] < 1e-5, report
   assert report["explicit_mesh"] < 1e-5, report
   assert report["kernel_sharding"] == [None, "data"], report
+  # refresh_axis: the same training, the refresh divided among the devices
+  # (jit on 8 and on 2 devices, explicit mesh, pmap, shard_map).
+  for name in ("split_jit_8", "split_jit_2", "split_explicit", "split_pmap",
+               "split_shard_map"):
+    assert report[name] < 1e-5, (name, report)
+  assert report["split_faults"] == 0, report
+  # Each of 8 devices does at most a quarter of one device's refresh FLOPs.
+  assert report["refresh_flops_ratio"] <= 0.25, report
   assert report["batch_devices"] == 8, report
