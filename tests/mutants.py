@@ -108,6 +108,17 @@ MUTATIONS = [
              "        for use in uses:\n          _record(outer_key, use)",
              "        del uses",
              ("tests/test_transformers.py",)),
+    Mutation("divided refresh: every device solves the first share of columns",
+             "sngd_jax/fisher.py",
+             "which, share = jnp.minimum(device // sharing, blocks - 1), device % sharing",
+             "which, share = jnp.minimum(device // sharing, blocks - 1), 0 * device",
+             ("tests/test_sharding.py",)),
+    Mutation("divided Nystrom: B^T B from this device's rows only",
+             "sngd_jax/linalg.py",
+             "gram, captured = jax.lax.psum((mine.T @ mine, jnp.sum(mine * mine)),\n"
+             "                                  axis_name)",
+             "gram, captured = mine.T @ mine, jnp.sum(mine * mine)",
+             ("tests/test_sharding.py",)),
 ] + [
     Mutation(f"capture: no entry for {kind} layers", "sngd_jax/capture.py",
              old, "return None",
