@@ -23,6 +23,13 @@ from sngd_jax import transform
 from sngd_jax.bench import flops
 
 assert jax.device_count() == 8, jax.devices()
+
+
+def rel(a, b):
+  return max(float(jnp.linalg.norm(np.asarray(u) - np.asarray(v)) / jnp.linalg.norm(np.asarray(v)))
+             for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
 params = mlp_params(jax.random.PRNGKey(0), [16, 32, 8], jnp.float32)
 x, labels = blobs(jax.random.PRNGKey(1), n=64, d=16, classes=8, dtype=jnp.float32)
 # No KL clip: a clipped step has the same length whatever the gradient's
@@ -219,6 +226,43 @@ split_results["split_shard_map"], _ = split_train(
     split_tx_mapped, split_params, split_x, split_labels, run_shard_map,
     mean_loss=True)
 
+# Every block kind divided on 8 devices against its whole refresh: an
+# embedding used by attend, two norms of one width (a group), a softmax
+# layer, per-unit blocks, three exact blocks of one size (2 devices each, 2
+# idle) and a Nystrom block.
+kinds_params = {
+    "embed": {"embedding": jnp.zeros((12, 6))},
+    "norm0": {"scale": jnp.ones(6), "bias": jnp.zeros(6)},
+    "norm1": {"scale": jnp.ones(6), "bias": jnp.zeros(6)},
+    "head": {"kernel": jnp.zeros((6, 5)), "bias": jnp.zeros(5)},
+    "units": {"kernel": jnp.zeros((6, 7)), "bias": jnp.zeros(7)},
+    **{f"same{i}": {"kernel": jnp.zeros((9, 4)), "bias": jnp.zeros(4)}
+       for i in range(3)},
+    "wide": {"kernel": jnp.zeros((40, 3)), "bias": jnp.zeros(3)},
+}
+kinds_layers, _, _ = transform.plan_layers(
+    kinds_params, {"head": "softmax", "units": "tanh", "*": "linear"},
+    sngd_jax.Nystrom(rank=8, min_dim=32))
+entries = {
+    "embed": {"inputs": jax.random.randint(jax.random.PRNGKey(6), (32, 3), 0, 12),
+              "attend": jax.random.normal(jax.random.PRNGKey(7), (32, 3, 6))},
+}
+for i, layer in enumerate(kinds_layers):
+  if layer.path in entries:
+    continue
+  key = jax.random.fold_in(jax.random.PRNGKey(8), i)
+  width = layer.d_out if layer.kind == "affine" else layer.d_in
+  entries[layer.path] = {"inputs": jax.random.normal(key, (32, width)),
+                         "outputs": jax.random.normal(key, (32, layer.d_out))}
+kinds_stats = {layer.path: layer.block.statistic(entries[layer.path], jnp.float32)
+               for layer in kinds_layers}
+kinds_whole = jax.jit(lambda s: flops.refresh({}, kinds_layers, s))(kinds_stats)
+with jax.set_mesh(mesh):
+  kinds_divided = jax.jit(lambda s: flops.refresh({}, kinds_layers, s, "data"))(
+      kinds_stats)
+kinds_gap = {path: rel(kinds_divided[path], kinds_whole[path])
+             for path in kinds_whole}
+
 # Per-device FLOPs of the divided refresh on 8 devices, against one device's:
 # the autoencoder's layers with the defaults (exact 501/251/31 blocks, rank-32
 # Nystrom blocks for 785 and 1001 rows).
@@ -234,11 +278,6 @@ with jax.set_mesh(mesh):
 refresh_flops_ratio = flops.program_flops(eight) / flops.program_flops(one)
 
 
-def rel(a, b):
-  return max(float(jnp.linalg.norm(np.asarray(u) - np.asarray(v)) / jnp.linalg.norm(np.asarray(v)))
-             for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
 kernel = param_sharded["layer0"]["kernel"]
 print(json.dumps({
     "data_parallel": rel(data_parallel, single),
@@ -249,6 +288,7 @@ print(json.dumps({
     **{name: rel(result, split_single) for name, result in split_results.items()},
     "split_faults": int(split_state[0].inverse_faults),
     "refresh_flops_ratio": refresh_flops_ratio,
+    "kinds_gap": kinds_gap,
     "pmap_spread": pmap_spread,
     "kernel_sharding": list(kernel.sharding.spec),
     "batch_devices": len(data_parallel["layer0"]["kernel"].sharding.device_set),

@@ -30,6 +30,9 @@ def test_sharded_training_matches_single_device():
                "split_shard_map"):
     assert report[name] < 1e-5, (name, report)
   assert report["split_faults"] == 0, report
+  # Every block kind's divided refresh equals its whole one.
+  assert len(report["kinds_gap"]) == 9, report
+  assert max(report["kinds_gap"].values()) < 1e-5, report
   # Each of 8 devices does at most a quarter of one device's refresh FLOPs.
   assert report["refresh_flops_ratio"] <= 0.25, report
   assert report["batch_devices"] == 8, report
