@@ -82,8 +82,8 @@ def measure(devices: int) -> list[dict]:
         chunk, _ = bench.make_chunk(task, model, tx, needs)
         variables = {"params": params}
         carry = (variables, tx.init(params))
-        seconds = timed(lambda carry=carry, chunk=chunk: chunk(
-            *jax.tree.map(jnp.copy, carry), xs_d, ys_d)[2], repeats=2)
+        seconds = timed(lambda carry=carry, chunk=chunk, xs=xs_d, ys=ys_d: chunk(
+            *jax.tree.map(jnp.copy, carry), xs, ys)[2], repeats=2)
         row[f"{label}_step_ms"] = 1e3 * seconds / xs.shape[0]
     rows.append(row)
   return rows

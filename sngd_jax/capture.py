@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sngd_jax import fisher
+
 
 def dense(layer: dict, x: jax.Array) -> tuple[jax.Array, dict]:
   """A dense layer for pure-JAX models: returns ``h`` and its activations entry.
@@ -332,8 +334,11 @@ def _merge(entries: list[dict]) -> dict:
   """
   if len(entries) == 1:
     return jax.tree.map(jax.lax.stop_gradient, entries[0])
-  merged = {}
+  merged: dict[str, Any] = {}
   for key in dict.fromkeys(k for e in entries for k in e):
+    if key == fisher.SCANNED:  # a use inside a scan marks them all
+      merged[key] = fisher.Scanned()
+      continue
     parts = [e[key].materialize() if isinstance(e[key], ConvInputs) else e[key]
              for e in entries if key in e]
     ids = jnp.issubdtype(parts[0].dtype, jnp.integer)
@@ -470,8 +475,10 @@ def _capturing_scan(original):
 
     carry, (ys, stacked) = original(body, init, xs, length, **kwargs)
     for key, entry in zip(keys, stacked):
-      _record(key, {name: _examples_first(value)
-                    for name, value in entry.items()})
+      # Marked: its uses are the scan's iterations (weight_sharing "auto").
+      _record(key, {**{name: _examples_first(value) for name, value in
+                       entry.items() if name != fisher.SCANNED},
+                    fisher.SCANNED: fisher.Scanned()})
     return carry, ys
 
   return scan

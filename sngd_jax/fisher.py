@@ -127,6 +127,18 @@ def _vmapped_inverse(stats, shift, solver):
   return jax.vmap(lambda g: linalg.inverse(g + shift * eye, solver))(stats)
 
 
+# The key of an activations entry recorded inside a scan (a recurrent cell,
+# any module a loop applies at every iteration); its value is ``Scanned()``,
+# a static pytree node, so it survives jit and has_aux.
+SCANNED = "scanned"
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Scanned:
+  """Marks an entry whose uses are the iterations of a scan."""
+
+
 def uses_per_example(inputs) -> int:
   """How many times each example used the layer: its positions, time steps, calls.
 
@@ -162,7 +174,8 @@ def sampled_positions(entry: dict, limit: int, key) -> dict:
     picked = jax.random.choice(key, flat.shape[1], (limit,), replace=False)
     return jnp.take(flat, jnp.sort(picked), axis=1)
 
-  return {name: sample(value) if uses_per_example(value) > limit else value
+  return {name: sample(value) if name != SCANNED
+          and uses_per_example(value) > limit else value
           for name, value in entry.items()}
 
 

@@ -24,7 +24,7 @@ from sngd_jax import fisher, linalg, split
 PerLayer = str | Mapping[str, str] | Callable[[str], str]
 # How many trailing kernel axes are outputs, per layer (None: inferred).
 OutputAxes = None | int | Mapping[str, int] | Callable[[str], int | None]
-WEIGHT_SHARING = ("reduce", "expand")
+WEIGHT_SHARING = ("auto", "reduce", "expand")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,7 +422,7 @@ def scale_by_sngd(
     nystrom: Nystrom | None = Nystrom(),
     kl_clip: float | None = 0.3,
     learning_rate: optax.ScalarOrSchedule = 1.0,
-    weight_sharing: PerLayer = "reduce",
+    weight_sharing: PerLayer = "auto",
     output_axes: OutputAxes = None,
     axis_name: str | None = None,
     vmap_axis_name: str | None = None,
@@ -487,9 +487,13 @@ def scale_by_sngd(
       positions, scan steps, tokens, repeated calls; the activations' first
       axis is the examples axis): ``"reduce"`` (one loss per example) sums
       the statistic over each example's uses, as the per-example Fisher does;
-      ``"expand"`` (a loss per position, averaged) averages over all uses. A
+      ``"expand"`` (a loss per position, averaged) averages over all uses;
+      ``"auto"`` (default): ``"expand"`` for layers captured inside a scan
+      (recurrent cells: back-propagated gradients fade over the steps, so a
+      sum over them overstates the curvature the gradient sees, and a loss
+      per step is exact with it), ``"reduce"`` for every other layer. A
       single mode, a mapping from glob patterns to modes (unmatched layers
-      get ``"reduce"``), or a callable of the path.
+      get ``"auto"``), or a callable of the path.
     output_axes: how many trailing axes of a kernel are outputs (the rest
       are inputs; the block is that of the dense map over the flattened
       axes). ``None`` (default): the bias's axes (attention's q/k/v kernels
@@ -551,11 +555,13 @@ def scale_by_sngd(
                      f"{refresh_axis!r}")
   _validate_per_layer("weight_sharing", weight_sharing, WEIGHT_SHARING)
 
-  def sharing(path):
-    mode = _resolve(weight_sharing, path, "reduce")
+  def sharing(path, entry):
+    mode = _resolve(weight_sharing, path, "auto")
     if mode not in WEIGHT_SHARING:
       raise ValueError(f"weight_sharing for {path!r} is {mode!r}; expected "
                        f"one of {WEIGHT_SHARING}")
+    if mode == "auto":  # recurrent cells expand, every other layer reduces
+      return "expand" if fisher.SCANNED in entry else "reduce"
     return mode
 
   def plan(tree):
@@ -649,7 +655,7 @@ def scale_by_sngd(
             sampled = entry
           out[path], fault = _statistic_ema(
               layer, sampled, entry, state.stats[path], ema_decay,
-              sharing(path) == "reduce", axis_name)
+              sharing(path, entry) == "reduce", axis_name)
         faults += fault.astype(jnp.int32)
       return out, faults
 
@@ -864,7 +870,7 @@ def sngd(
     solver: str = "cholesky",
     nystrom: Nystrom | None = Nystrom(),
     kl_clip: float | None = 0.3,
-    weight_sharing: PerLayer = "reduce",
+    weight_sharing: PerLayer = "auto",
     output_axes: OutputAxes = None,
     axis_name: str | None = None,
     vmap_axis_name: str | None = None,

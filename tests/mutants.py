@@ -119,6 +119,11 @@ MUTATIONS = [
              "                                  axis_name)",
              "gram, captured = mine.T @ mine, jnp.sum(mine * mine)",
              ("tests/test_sharding.py",)),
+    Mutation("weight_sharing auto: scanned cells reduce too",
+             "sngd_jax/transform.py",
+             'return "expand" if fisher.SCANNED in entry else "reduce"',
+             'return "reduce"',
+             ("tests/test_weight_sharing.py",)),
 ] + [
     Mutation(f"capture: no entry for {kind} layers", "sngd_jax/capture.py",
              old, "return None",

@@ -10,6 +10,7 @@ from flax import nnx
 from test_exact_ngd import FORMULA, damp, with_ones
 
 import sngd_jax
+from sngd_jax import fisher
 
 # Every use a row of one mean: these tests check the rows that capture gives.
 EXACT = dict(FORMULA, weight_sharing="expand")
@@ -344,7 +345,15 @@ class Unrolled(nnx.Module):
 
 
 def assert_same_rows_per_step(scanned, unrolled, steps):
-  """Scanned and unrolled records alike are (batch, steps, d)."""
+  """Scanned and unrolled records alike are (batch, steps, d); the scanned
+  ones are marked as such (weight_sharing "auto" expands them)."""
+  is_entry = lambda x: isinstance(x, dict) and "inputs" in x
+  entries = jax.tree.leaves(scanned, is_leaf=is_entry)
+  assert entries and all(
+      isinstance(e.get(fisher.SCANNED), fisher.Scanned) for e in entries)
+  scanned = jax.tree.map(
+      lambda entry: {k: v for k, v in entry.items() if k != fisher.SCANNED},
+      scanned, is_leaf=is_entry)
   assert jax.tree.structure(scanned) == jax.tree.structure(unrolled)
   for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(unrolled)):
     assert a.shape[1] == steps and a.shape == b.shape

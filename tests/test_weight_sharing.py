@@ -136,6 +136,46 @@ def test_a_module_called_twice_counts_both_uses_of_each_example(sharing, scale):
                              scale * rows.T @ rows / len(rows), rtol=1e-12)
 
 
+def test_auto_expands_cells_captured_in_a_scan_and_reduces_the_rest():
+  from flax import linen as nn
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(3, (3,), strides=2, param_dtype=jnp.float64)(x[..., None])
+      # A cell scanned over the conv's 4 output positions.
+      h = nn.RNN(nn.SimpleCell(5, param_dtype=jnp.float64,
+                               carry_init=nn.initializers.zeros))(x)
+      return nn.Dense(2, param_dtype=jnp.float64)(h[:, -1])
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 8), jnp.float64)
+  model = Model()
+  variables = model.init(jax.random.PRNGKey(1), x)
+  _, acts = sngd_jax.linen_capture(model, variables, x)
+  params = variables["params"]
+  grads = jax.tree.map(jnp.ones_like, params)
+
+  def stats(sharing):
+    tx = sngd_jax.scale_by_sngd(**FORMULA, weight_sharing=sharing)
+    return tx.update(grads, tx.init(params), params, activations=acts)[1].stats
+
+  auto, reduce, expand = stats("auto"), stats("reduce"), stats("expand")
+  assert set(auto) == set(reduce)
+  for path in auto:
+    cell = path.startswith("SimpleCell_0")
+    # The cell's statistic is the mean over its 4 steps; the conv's the sum
+    # over its 4 positions (4x the mean); the head has one use either way.
+    np.testing.assert_allclose(auto[path], (expand if cell else reduce)[path],
+                               rtol=1e-12)
+    if path != "Dense_0":
+      np.testing.assert_allclose(reduce[path], 4 * expand[path], rtol=1e-12)
+  assert {"SimpleCell_0/h", "SimpleCell_0/i", "Conv_0"} <= set(auto)
+  # A mapping's unmatched layers get "auto" too.
+  mapped = stats({"Dense_0": "reduce"})
+  for path in auto:
+    np.testing.assert_allclose(mapped[path], auto[path], rtol=1e-12)
+
+
 def test_weight_sharing_rejects_unknown_modes_naming_the_layer():
   params = {"dense": {"kernel": jnp.ones((3, 2))}}
   with pytest.raises(ValueError, match="weight_sharing"):
