@@ -228,3 +228,11 @@ def test_sampled_positions_are_an_unbiased_estimate_shared_by_inputs_and_outputs
   # A layer with no more positions than the limit keeps all of them.
   np.testing.assert_array_equal(
       fisher.sampled_positions(entry, 5, jax.random.key(3))["inputs"], x)
+
+
+def test_sampled_positions_keep_the_scanned_marker():
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 10, 4))
+  entry = {"inputs": x, "outputs": x, fisher.SCANNED: fisher.Scanned()}
+  sampled = fisher.sampled_positions(entry, 2, jax.random.PRNGKey(1))
+  assert sampled[fisher.SCANNED] == fisher.Scanned()
+  assert sampled["inputs"].shape == (3, 2, 4)
