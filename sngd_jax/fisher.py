@@ -248,8 +248,8 @@ class Linear(_Block):
   def refresh_split(self, stacked, damping, relative_damping, solver, axis):
     """``k`` blocks ``(k, n, n)`` on ``D`` devices: with ``k >= D`` each
     device inverts its ``ceil(k / D)`` whole blocks; else each block gets
-    ``D // k`` devices, which solve for its columns, a share each (the
-    Cholesky factor is computed by each of them)."""
+    ``D // k`` devices, which solve for its columns, a share each (each of
+    them factors the block: the Cholesky or eigendecomposition)."""
     blocks, devices = stacked.shape[0], jax.lax.axis_size(axis)
     damped = jax.vmap(lambda g: linalg.damped(g, damping, relative_damping))(
         stacked)

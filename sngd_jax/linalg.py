@@ -98,8 +98,8 @@ def denman_beavers_inverse(a, rhs=None, tolerance: float = 1e-3):
   eye = jnp.eye(a.shape[-1], dtype=a.dtype)
   residual = jnp.linalg.norm(inv_sqrt @ a @ inv_sqrt - eye) / jnp.sqrt(
       a.shape[-1])
-  return _rejected_unless(residual < tolerance,
-                          inv_sqrt @ (inv_sqrt @ _identity_if_none(a, rhs)))
+  right = inv_sqrt if rhs is None else inv_sqrt @ rhs
+  return _rejected_unless(residual < tolerance, inv_sqrt @ right)
 
 
 def inverse(a, solver: str, rhs=None):
