@@ -208,7 +208,7 @@ class _Block:
     fresh = [self.refresh_part(jax.tree.map(lambda x, i=i: x[i], stacked),
                                damping, relative_damping, solver, axis)
              for i in range(blocks)]
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *fresh)
+    return split.stack(fresh)
 
   def refresh_part(self, stats, damping, relative_damping, solver, axis):
     """One block's refresh, divided among ``axis``'s devices where it pays.

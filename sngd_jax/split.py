@@ -23,6 +23,12 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 
+def stack(trees):
+  """Trees of one structure stacked leaf by leaf on a new leading axis (a
+  group of alike blocks)."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
 def bound_size(axis: str) -> int | None:
   """The size of ``axis`` where a ``pmap``/``shard_map`` binds it, else None."""
   try:

@@ -688,11 +688,10 @@ def scale_by_sngd(
     for paths in _refresh_groups(active, stats, refresh_axis):
       block = active[paths[0]].block
 
-      def refresh_group(paths=paths, block=block):
-        stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+      def refreshed_group(paths=paths, block=block):
         fresh, faults = _refreshed(
-            block, stack([stats[p] for p in paths]),
-            stack([state.preconditioners[p] for p in paths]), damping,
+            block, split.stack([stats[p] for p in paths]),
+            split.stack([state.preconditioners[p] for p in paths]), damping,
             warm_damping.astype(jax.tree.leaves(stats[paths[0]])[0].dtype),
             solver, weight > 0, for_every_model, refresh_axis)
         return [jax.tree.map(lambda x, i=i: x[i], fresh)
@@ -700,7 +699,7 @@ def scale_by_sngd(
 
       with jax.named_scope(f"sngd/{paths[0]}"):
         fresh, faults = jax.lax.cond(
-            refresh, refresh_group,
+            refresh, refreshed_group,
             lambda paths=paths: ([state.preconditioners[p] for p in paths],
                                  jnp.zeros([], jnp.int32)))
       fresh_preconditioners.update(zip(paths, fresh))
@@ -768,6 +767,18 @@ def _refresh_groups(active, stats, refresh_axis) -> list[list[str]]:
   return list(groups.values())
 
 
+def refresh_group(block, stacked, damping, relative_damping, solver,
+                  refresh_axis=None):
+  """The preconditioners of ``k`` alike blocks stacked on a leading axis (one
+  attempt: no retry); with ``refresh_axis`` its devices divide the work."""
+  if refresh_axis is None:  # one layer alone
+    unstacked = jax.tree.map(lambda x: x[0], stacked)
+    return jax.tree.map(lambda x: x[None], block.refresh(
+        unstacked, damping, relative_damping, solver))
+  return split.on_axis(refresh_axis, lambda *operands: block.refresh_split(
+      *operands, solver, refresh_axis), stacked, damping, relative_damping)
+
+
 def _finite_blocks(tree) -> jax.Array:
   """``(k,)``: which of the ``k`` stacked blocks (leading axis) are finite."""
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
@@ -796,18 +807,11 @@ def _refreshed(block, stats, old, damping, relative_damping, solver, valid,
   the same decisions.
   """
 
-  def refresh(stats, damping, relative_damping):
-    if refresh_axis is None:  # one layer alone
-      unstacked = jax.tree.map(lambda x: x[0], stats)
-      return jax.tree.map(lambda x: x[None], block.refresh(
-          unstacked, damping, relative_damping, solver))
-    return split.on_axis(refresh_axis, lambda *operands: block.refresh_split(
-        *operands, solver, refresh_axis), stats, damping, relative_damping)
-
   def attempt(boost, floor):
-    fresh = jax.tree.map(lambda f, o: f.astype(o.dtype), refresh(
-        stats, jnp.asarray(damping * boost),
-        jnp.maximum(relative_damping * boost, floor)), old)
+    fresh = jax.tree.map(lambda f, o: f.astype(o.dtype), refresh_group(
+        block, stats, jnp.asarray(damping * boost),
+        jnp.maximum(relative_damping * boost, floor), solver, refresh_axis),
+        old)
     return fresh, _finite_blocks(fresh)
 
   with jax.named_scope("refresh"):

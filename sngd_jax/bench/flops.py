@@ -70,23 +70,18 @@ def program_flops(compiled) -> float:
 
 
 def refresh(tx_options: dict, layers, stats, refresh_axis=None):
-  """Every layer's refresh (first attempt, as ``scale_by_sngd`` groups them),
-  the function whose compiled FLOPs the scaling benchmark reports."""
+  """Every layer's refresh (first attempt, grouped as ``scale_by_sngd``
+  groups them), the function whose compiled FLOPs the scaling benchmark
+  reports."""
   damping = jnp.asarray(tx_options.get("damping", 1e-4))
   relative = jnp.asarray(tx_options.get("relative_damping", 1e-2))
   solver = tx_options.get("solver", "cholesky")
   active = {layer.path: layer for layer in layers}
   out = {}
   for paths in transform._refresh_groups(active, stats, refresh_axis):
-    block = active[paths[0]].block
-    if refresh_axis is None:
-      for path in paths:
-        out[path] = block.refresh(stats[path], damping, relative, solver)
-      continue
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[stats[p] for p in paths])
-    fresh = split.on_axis(refresh_axis, lambda *operands, block=block:
-                          block.refresh_split(*operands, solver, refresh_axis),
-                          stacked, damping, relative)
+    fresh = transform.refresh_group(
+        active[paths[0]].block, split.stack([stats[p] for p in paths]),
+        damping, relative, solver, refresh_axis)
     out.update({p: jax.tree.map(lambda x, i=i: x[i], fresh)
                 for i, p in enumerate(paths)})
   return out
