@@ -24,7 +24,8 @@ captured at every step, and layers inside ``nnx.remat``, ``nn.remat`` or
 ``jax.checkpoint`` applied during the forward pass. Layers stacked over a scan
 (one kernel per step) and layers in a function checkpointed before the capture
 began are not: they get the plain gradient, and the transform's warning names
-them.
+them. An entry recorded inside a scan carries ``"scanned": fisher.Scanned()``
+(a static pytree node): ``weight_sharing="auto"`` expands those.
 """
 
 from __future__ import annotations
