@@ -126,7 +126,8 @@ MUTATIONS = [
              ("tests/test_weight_sharing.py",)),
 ] + [
     Mutation(f"capture: no entry for {kind} layers", "sngd_jax/capture.py",
-             old, "return None",
+             # Only the return: what follows it in ``old`` stays as it was.
+             old, "return None" + old[old.find("\n"):] if "\n" in old else "return None",
              ("tests/test_flax.py", "tests/test_transformers.py"))
     for kind, old in [
         ("dense", "return {\"inputs\": x, \"outputs\": y}\n  if kind == \"einsum\""),
