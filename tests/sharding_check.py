@@ -159,7 +159,8 @@ split_options = dict(inverse_every=2, kl_clip=None, layer_fisher={"layer1": "rel
                      nystrom=sngd_jax.Nystrom(rank=8, min_dim=32))
 
 
-def split_train(tx, params, x, labels, run, mean_grads=False, mean_loss=False):
+def split_train(tx, params, x, labels, run, mean_grads=False, mean_loss=False,
+                init=None):
   def step(params, state, x, labels):
     def loss(params):
       logits, acts = mlp_forward(params, x)
@@ -172,7 +173,7 @@ def split_train(tx, params, x, labels, run, mean_grads=False, mean_loss=False):
       grads = jax.lax.pmean(grads, "data")
     updates, state = tx.update(grads, state, params, activations=acts)
     return optax.apply_updates(params, updates), state
-  return run(step, params, tx.init(params), x, labels)
+  return run(step, params, (init or tx.init)(params), x, labels)
 
 
 def run_steps(step, params, state, x, labels):
@@ -225,6 +226,27 @@ split_results["split_pmap"], _ = split_train(
 split_results["split_shard_map"], _ = split_train(
     split_tx_mapped, split_params, split_x, split_labels, run_shard_map,
     mean_loss=True)
+
+# Two models under vmap (vmap_axis_name) with the refresh divided among the
+# mesh's 8 devices: each model as if trained alone on one device.
+second_params = mlp_params(jax.random.PRNGKey(9), [40, 24, 24, 24, 8], jnp.float32)
+second_single, _ = split_train(sngd_jax.sngd(0.1, momentum=0.9, **split_options),
+                               second_params, split_x, split_labels, run_steps)
+vmap_tx = sngd_jax.sngd(0.1, momentum=0.9, refresh_axis="data",
+                        vmap_axis_name="models", **split_options)
+
+
+def run_vmapped(step, params, state, x, labels):
+  return run_steps(jax.vmap(step, in_axes=(0, 0, None, None), axis_name="models"),
+                   params, state, x, labels)
+
+
+with jax.set_mesh(mesh):
+  pair = jax.tree.map(lambda a, b: jnp.stack([a, b]), split_params, second_params)
+  both, _ = split_train(vmap_tx, pair, split_x, split_labels, run_vmapped,
+                        init=jax.vmap(vmap_tx.init))
+split_vmap = max(rel(jax.tree.map(lambda a: a[0], both), split_single),
+                 rel(jax.tree.map(lambda a: a[1], both), second_single))
 
 # Every block kind divided on 8 devices against its whole refresh: an
 # embedding used by attend, two norms of one width (a group), a softmax
@@ -286,6 +308,7 @@ print(json.dumps({
     "shard_map": rel(shard_map_params, single),
     "explicit_mesh": rel(explicit, explicit_single),
     **{name: rel(result, split_single) for name, result in split_results.items()},
+    "split_vmap": split_vmap,
     "split_faults": int(split_state[0].inverse_faults),
     "refresh_flops_ratio": refresh_flops_ratio,
     "kinds_gap": kinds_gap,

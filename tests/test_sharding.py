@@ -29,6 +29,8 @@ def test_sharded_training_matches_single_device():
   for name in ("split_jit_8", "split_jit_2", "split_explicit", "split_pmap",
                "split_shard_map"):
     assert report[name] < 1e-5, (name, report)
+  # Two models under vmap (vmap_axis_name), refresh divided: each as alone.
+  assert report["split_vmap"] < 1e-5, report
   assert report["split_faults"] == 0, report
   # Every block kind's divided refresh equals its whole one.
   assert len(report["kinds_gap"]) == 9, report
