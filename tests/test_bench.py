@@ -27,6 +27,17 @@ def test_bench_smoke_writes_tables_plots_and_json(tmp_path, capsys):
   assert "step time vs Adam" in capsys.readouterr().out
 
 
+def test_variant_options_parse_json_values_and_bare_strings(monkeypatch):
+  monkeypatch.setattr(bench, "VARIANTS", {})
+  monkeypatch.setattr(bench, "OPTIMIZERS", dict(bench.OPTIMIZERS))
+  name = bench.add_sngd_variant("kl_clip=null,layer_fisher=tanh,stats_every=2,"
+                                "nystrom=null,weight_sharing=expand")
+  assert bench.VARIANTS[name] == dict(kl_clip=None, layer_fisher="tanh",
+                                      stats_every=2, nystrom=None,
+                                      weight_sharing="expand")
+  assert name in bench.OPTIMIZERS
+
+
 def test_a_batchnorm_model_trains_with_its_statistics_in_the_carry():
   import jax
   import numpy as np

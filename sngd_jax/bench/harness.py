@@ -331,8 +331,9 @@ def train(task: Task, data: datasets.Dataset, optimizer: str, lr: float,
   result.update(optimizer=optimizer, lr=lr, compile_s=compile_s,
                 state_bytes=sum(x.nbytes for x in jax.tree.leaves(opt_state)))
   if _is_sngd(optimizer):
-    injected = opt_state[-1] if task.clip is not None else opt_state
-    sngd_state = injected.inner_state[0]
+    sngd_state = next(s for s in jax.tree.leaves(
+        opt_state, is_leaf=lambda s: isinstance(s, sngd_jax.ScaleBySNGDState))
+                      if isinstance(s, sngd_jax.ScaleBySNGDState))
     result["faults"] = dict(stats=int(sngd_state.stats_faults),
                             inverse=int(sngd_state.inverse_faults))
   return result
@@ -466,7 +467,10 @@ def add_sngd_variant(spec: str) -> str:
   options = {}
   for item in spec.split(","):
     key, value = item.split("=")
-    options[key] = json.loads(value) if value[:1] in "0123456789-.[{tfn" else value
+    try:  # numbers, null, true/false, lists and mappings
+      options[key] = json.loads(value)
+    except json.JSONDecodeError:  # a bare string: layer_fisher=tanh
+      options[key] = value
   name = f"sngd({spec})"
   VARIANTS[name] = options
   OPTIMIZERS[name] = (_sngd_with(**options), OPTIMIZERS["sngd"][1])
