@@ -50,9 +50,13 @@ def _is_sngd(name: str) -> bool:
 
 
 def _optimizer(task: Task, name: str):
-  """The optimizer's factory of the learning rate, with the task's SNGD options."""
+  """The optimizer's factory of the learning rate, with the task's SNGD options.
+
+  The options go to SNGD and its ``--sngd-variants``; an ``"sngd(...)"``
+  factory registered in OPTIMIZERS directly is used as it is.
+  """
   make_tx, _ = OPTIMIZERS[name]
-  if _is_sngd(name) and task.sngd_options:
+  if (name == "sngd" or name in VARIANTS) and task.sngd_options:
     return _sngd_with(**dict(task.sngd_options), **(
         VARIANTS.get(name, {})))
   return make_tx
