@@ -25,6 +25,7 @@ import optax
 
 import sngd_jax
 from sngd_jax.bench import harness as bench
+from sngd_jax.transform import _kl_clip_scale
 
 
 class OutputFactorState(NamedTuple):
@@ -60,8 +61,7 @@ def output_factor_sngd(learning_rate, momentum=0.9, decay=0.95, kl_clip=0.3,
 
     v = jax.tree.map(divided, v, shares, is_leaf=lambda x: x is None)
     vg = sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(grads)))
-    kl = rate ** 2 * vg
-    scale = jnp.where(kl > kl_clip, jnp.sqrt(kl_clip / jnp.maximum(kl, kl_clip)), 1.0)
+    scale = _kl_clip_scale(vg, rate, kl_clip)  # SNGD's own clip
     return (jax.tree.map(lambda x: x * scale, v),
             OutputFactorState(inner_state, shares, state.count + 1))
 
