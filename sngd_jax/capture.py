@@ -153,12 +153,7 @@ class _ConvGeometry:
     batch_shape = x.shape[:-(spatial + 1)]
     x = jnp.reshape(x, (-1,) + x.shape[-(spatial + 1):])
     target = self.shape(x.shape)
-    if self.mode == "constant":  # zeros between the dilated input's entries too
-      x = jax.lax.pad(x, jnp.zeros([], x.dtype), [
-          (0, 0, 0), *[(low, high, i - 1) for (low, high), i
-                       in zip(self.pads, self.input_dilation)], (0, 0, 0)])
-    else:
-      x = jnp.pad(x, [(0, 0), *self.pads, (0, 0)], mode=self.mode)
+    x = self._padded(x)
     out = target[1:spatial + 1]
     taps = []
     for offset in np.ndindex(*self.kernel_size):
@@ -171,6 +166,26 @@ class _ConvGeometry:
         x.shape[:1] + tuple(out) + (len(taps), self.groups, -1))
     patches = jnp.moveaxis(patches, -2, -3)
     return jnp.reshape(patches, batch_shape + target[1:])
+
+  def patches_at(self, x, ids):
+    """The patches of ``x (N, spatial..., C)`` at the output positions ``ids``
+    (indices into the flattened output grid): ``(N, len(ids), rows)``, from
+    ``len(ids)`` gathers per tap instead of every position's (one group)."""
+    out = self.shape(x.shape)[1:len(self.kernel_size) + 1]
+    x = self._padded(x)
+    coords = jnp.unravel_index(ids, out)
+    taps = [x[(slice(None),) + tuple(
+        c * s + o * d for c, s, o, d in zip(coords, self.strides, offset,
+                                            self.dilation))]
+            for offset in np.ndindex(*self.kernel_size)]
+    return jnp.stack(taps, axis=-2).reshape(x.shape[0], len(ids), -1)
+
+  def _padded(self, x):
+    if self.mode == "constant":  # zeros between the dilated input's entries too
+      return jax.lax.pad(x, jnp.zeros([], x.dtype), [
+          (0, 0, 0), *[(low, high, i - 1) for (low, high), i
+                       in zip(self.pads, self.input_dilation)], (0, 0, 0)])
+    return jnp.pad(x, [(0, 0), *self.pads, (0, 0)], mode=self.mode)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -214,6 +229,15 @@ class ConvInputs:
 
   def materialize(self):
     return self.geometry.patches(self.x)
+
+  def at_positions(self, ids):
+    """The patches at output positions ``ids`` of each example,
+    ``(N, len(ids), rows)``, built for those only; ``None`` where the input
+    has more than one batch axis or the convolution has groups."""
+    spatial = len(self.geometry.kernel_size)
+    if self.geometry.groups > 1 or self.x.ndim != spatial + 2:
+      return None
+    return self.geometry.patches_at(self.x, ids)
 
 
 def conv_patches(layer, x):

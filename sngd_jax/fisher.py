@@ -164,15 +164,21 @@ def sampled_positions(entry: dict, limit: int, key) -> dict:
   and outputs) keep the same ones.
   """
 
+  def picked(positions):
+    return jnp.sort(jax.random.choice(key, positions, (limit,), replace=False))
+
   def sample(x):
+    if hasattr(x, "at_positions"):  # a convolution's: patches at those only
+      patches = x.at_positions(picked(x.positions))
+      if patches is not None:
+        return patches
     x = _materialized(x)
     ids = jnp.issubdtype(x.dtype, jnp.integer)
     tail = () if ids else x.shape[-1:]
     flat = jnp.reshape(x, x.shape[:1] + (-1,) + tail)
     if flat.shape[1] <= limit:
       return x
-    picked = jax.random.choice(key, flat.shape[1], (limit,), replace=False)
-    return jnp.take(flat, jnp.sort(picked), axis=1)
+    return jnp.take(flat, picked(flat.shape[1]), axis=1)
 
   return {name: sample(value) if name != SCANNED
           and uses_per_example(value) > limit else value

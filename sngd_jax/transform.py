@@ -25,6 +25,8 @@ PerLayer = str | Mapping[str, str] | Callable[[str], str]
 # How many trailing kernel axes are outputs, per layer (None: inferred).
 OutputAxes = None | int | Mapping[str, int] | Callable[[str], int | None]
 WEIGHT_SHARING = ("auto", "reduce", "expand")
+# stats_positions="auto": positions per example a statistic samples.
+DEFAULT_STATS_POSITIONS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -426,7 +428,7 @@ def scale_by_sngd(
     output_axes: OutputAxes = None,
     axis_name: str | None = None,
     vmap_axis_name: str | None = None,
-    stats_positions: int | None = None,
+    stats_positions: int | str | None = "auto",
     refresh_axis: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with the damped inverse local Fisher of each layer.
@@ -516,7 +518,13 @@ def scale_by_sngd(
       (conv positions, tokens, scan steps) takes its statistic from this many
       of them, drawn at random at each statistics step (the same for every
       example): an unbiased estimate of the mean over all positions at
-      ``stats_positions / P`` of the cost. ``None``: every position.
+      ``stats_positions / P`` of the cost (a convolution's im2col patches are
+      built at those positions only). ``None``: every position. ``"auto"``
+      (default): 64, which keeps a 28x28 convolution's statistic to a twelfth
+      of its cost (over every position it costs ``kh*kw*C_in / C_out`` times
+      the convolution itself); a string, so ``optax.inject_hyperparams``
+      leaves it static (an int needs ``static_args=("stats_positions",)``
+      there).
     refresh_axis: a device axis whose devices divide the refresh among them
       (each computes its columns of every exact inverse, its units of the
       per-unit blocks, its rows of the Nystrom bases; one ``psum`` assembles
@@ -545,11 +553,17 @@ def scale_by_sngd(
             layer_fisher, solver, nystrom)
   if isinstance(kl_clip, (int, float)) and kl_clip <= 0:  # not traced
     raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip}")
+  if isinstance(stats_positions, jax.Array):
+    raise ValueError(
+        "stats_positions is an array: it sets a shape, so it must be static "
+        "(under optax.inject_hyperparams pass static_args=('stats_positions',))")
+  if stats_positions == "auto":
+    stats_positions = DEFAULT_STATS_POSITIONS
   if stats_positions is not None and (
       isinstance(stats_positions, bool) or not isinstance(stats_positions, int)
       or stats_positions < 1):
-    raise ValueError("stats_positions must be None or an integer >= 1, got "
-                     f"{stats_positions!r}")
+    raise ValueError('stats_positions must be None, "auto" or an integer >= 1, '
+                     f"got {stats_positions!r}")
   if refresh_axis is not None and not isinstance(refresh_axis, str):
     raise ValueError("refresh_axis must be None or a mesh axis name, got "
                      f"{refresh_axis!r}")
@@ -878,7 +892,7 @@ def sngd(
     output_axes: OutputAxes = None,
     axis_name: str | None = None,
     vmap_axis_name: str | None = None,
-    stats_positions: int | None = None,
+    stats_positions: int | str | None = "auto",
     refresh_axis: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SNGD: the preconditioner alone, or the complete optimizer.

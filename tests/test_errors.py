@@ -105,8 +105,9 @@ def test_unknown_kind_in_mapping_names_the_path(setup):
     (dict(ema_decay=1.0), r"ema_decay must be in \[0, 1\)"),
     (dict(solver="svd"), "solver must be one of"),
     (dict(nystrom=128), "nystrom must be None or sngd_jax.Nystrom"),
-    (dict(stats_positions=0), "stats_positions must be None or an integer >= 1"),
-    (dict(stats_positions=True), "stats_positions must be None or an integer"),
+    (dict(stats_positions=0), 'stats_positions must be None, "auto" or an integer >= 1'),
+    (dict(stats_positions=True), 'stats_positions must be None, "auto" or an integer'),
+    (dict(stats_positions="all"), 'stats_positions must be None, "auto" or an integer'),
 ])
 def test_bad_options(options, message):
   with pytest.raises(ValueError, match=message):

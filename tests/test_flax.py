@@ -61,6 +61,15 @@ def test_conv_patches_reproduce_the_convolution(strides, padding, dilation,
   np.testing.assert_array_equal(acts["inputs"].materialize(), patches)
   np.testing.assert_allclose(
       patches @ conv.kernel[...].reshape(-1, 5) + conv.bias[...], y, atol=1e-12)
+  # Sampled positions gather only their windows, the same patches as the
+  # full im2col at the positions its outputs keep.
+  key = jax.random.key(2)
+  sampled = fisher.sampled_positions(acts, 5, key)
+  kept = np.sort(jax.random.choice(key, patches[0, ..., 0].size, (5,),
+                                   replace=False))
+  np.testing.assert_array_equal(
+      sampled["inputs"], patches.reshape(2, -1, patches.shape[-1])[:, kept])
+  np.testing.assert_array_equal(sampled["outputs"], y.reshape(2, -1, 5)[:, kept])
 
 
 def test_conv_1d_and_causal():

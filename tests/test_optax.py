@@ -92,6 +92,22 @@ def test_inject_hyperparams_under_jit_with_array_intervals():
   assert int(state.inner_state[0].count) == 3
 
 
+def test_inject_hyperparams_keeps_stats_positions_static_or_says_how():
+  params, acts, grads = setup()
+  # The default ("auto") is not numeric, so it is not made a hyperparameter.
+  tx = optax.inject_hyperparams(sngd_jax.sngd)(learning_rate=0.1)
+  state = tx.init(params)
+  assert "stats_positions" not in state.hyperparams
+  jax.jit(lambda s: tx.update(grads, s, params, activations=acts))(state)
+  # An int would be traced: refused, with the way out.
+  with pytest.raises(ValueError, match=r"static_args=\('stats_positions',\)"):
+    optax.inject_hyperparams(sngd_jax.sngd)(
+        learning_rate=0.1, stats_positions=16).init(params)
+  tx = optax.inject_hyperparams(sngd_jax.sngd, static_args=("stats_positions",))(
+      learning_rate=0.1, stats_positions=16)
+  tx.update(grads, tx.init(params), params, activations=acts)
+
+
 def test_multisteps_applies_the_summed_gradient_with_the_last_micro_batchs_statistics():
   """What the README promises under MultiSteps: the accumulated gradient, and
   the local Fisher of the micro-batch whose update applies it (the EMA

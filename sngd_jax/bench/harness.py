@@ -33,9 +33,10 @@ from sngd_jax.bench import models
 from sngd_jax.bench import peers as peer_runs
 
 # SNGD's options for every task: the library's defaults (statistics every 10
-# steps, inverses every 100, rank-32 Nystrom blocks past 512 inputs, KL clip
-# 0.3, weight sharing "auto": recurrent cells "expand", other layers "reduce")
-# plus momentum; only the learning rate is tuned.
+# steps from at most 64 positions per example, inverses every 100, rank-32
+# Nystrom blocks past 512 inputs, KL clip 0.3, weight sharing "auto":
+# recurrent cells "expand", other layers "reduce") plus momentum; only the
+# learning rate is tuned.
 SNGD_OPTIONS = dict(momentum=0.9)
 
 
