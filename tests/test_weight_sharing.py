@@ -200,7 +200,7 @@ def test_sampled_positions_keep_the_statistics_scale():
   _, acts = sngd_jax.nnx_capture(nnx.merge(graphdef, params), x)
 
   def update(stats_positions):
-    tx = sngd_jax.scale_by_sngd(**FORMULA, stats_positions=stats_positions)
+    tx = sngd_jax.scale_by_sngd(**{**FORMULA, "stats_positions": stats_positions})
     return tx.update(grads, tx.init(params), params, activations=acts)[0]
 
   assert_tree_close(update(2), update(None))
