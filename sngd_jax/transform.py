@@ -553,11 +553,11 @@ def scale_by_sngd(
             layer_fisher, solver, nystrom)
   if isinstance(kl_clip, (int, float)) and kl_clip <= 0:  # not traced
     raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip}")
-  if isinstance(stats_positions, jax.Array):
+  if isinstance(stats_positions, (jax.Array, np.ndarray)):
     raise ValueError(
         "stats_positions is an array: it sets a shape, so it must be static "
         "(under optax.inject_hyperparams pass static_args=('stats_positions',))")
-  if stats_positions == "auto":
+  if isinstance(stats_positions, str) and stats_positions == "auto":
     stats_positions = DEFAULT_STATS_POSITIONS
   if stats_positions is not None and (
       isinstance(stats_positions, bool) or not isinstance(stats_positions, int)

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from helpers import mlp_forward, mlp_params
 
@@ -108,6 +109,7 @@ def test_unknown_kind_in_mapping_names_the_path(setup):
     (dict(stats_positions=0), 'stats_positions must be None, "auto" or an integer >= 1'),
     (dict(stats_positions=True), 'stats_positions must be None, "auto" or an integer'),
     (dict(stats_positions="all"), 'stats_positions must be None, "auto" or an integer'),
+    (dict(stats_positions=np.array(16)), "stats_positions is an array"),
 ])
 def test_bad_options(options, message):
   with pytest.raises(ValueError, match=message):
