@@ -58,6 +58,8 @@ class ScaleBySNGDState(NamedTuple):
   stats_faults: jax.Array  # int32 (): batches whose statistic was not finite (skipped).
   inverse_faults: jax.Array  # int32 (): refreshes that failed (retried, else last good kept).
   clipped: jax.Array  # int32 (): steps whose direction ``kl_clip`` shortened.
+  momentum: Any  # params-shaped heavy-ball buffer ``m``; None without ``momentum``.
+  momentum_norm: jax.Array  # float32 (): ``|m|_G^2``, the buffer's squared length in the blocks' metric.
 
 
 # ----------------------------------------------------------------------------
@@ -424,6 +426,8 @@ def scale_by_sngd(
     nystrom: Nystrom | None = Nystrom(),
     kl_clip: float | None = 0.3,
     learning_rate: optax.ScalarOrSchedule = 1.0,
+    momentum: float | None = None,
+    nesterov: bool = False,
     weight_sharing: PerLayer = "auto",
     output_axes: OutputAxes = None,
     axis_name: str | None = None,
@@ -478,13 +482,24 @@ def scale_by_sngd(
       than ``min_dim`` rows use a rank-``rank`` Nystrom approximation
       (default ``Nystrom()``: rank 32 past 512 rows). ``None``: every block
       is exact.
-    kl_clip: the direction ``v`` is scaled so that
-      ``learning_rate^2 * sum(v . g) <= kl_clip`` (KL clipping, Ba, Grosse &
-      Martens 2017: ``v . g`` is the step's squared length in the local
-      Fisher's metric). ``None``: no clip.
-    learning_rate: the learning rate the direction will be scaled by (a float
+    kl_clip: the step is scaled so that ``learning_rate^2 |s|_G^2 <=
+      kl_clip`` (KL clipping, Ba, Grosse & Martens 2017): ``s`` is the
+      direction ``v`` (``|v|_G^2 = v . g``), or with ``momentum`` the
+      heavy-ball buffer ``m`` that is the step. ``|.|_G`` is the length in
+      the blocks' metric, summed over the layers; a recurrent cell's
+      (``weight_sharing="auto"``'s ``expand``) counts each of its uses, the
+      per-example Fisher's upper bound. ``None``: no clip.
+    learning_rate: the learning rate the output will be scaled by (a float
       or a schedule of the step count), used by ``kl_clip`` only.
-      :func:`sngd` passes its ``learning_rate / (1 - momentum)``.
+    momentum: heavy-ball momentum ``m <- momentum * m + v``, output instead
+      of ``v`` (None: none, no buffer). The clip then bounds the step ``m``
+      itself: ``|m|_G^2`` is tracked exactly for a fixed metric
+      (``momentum^2 |m|^2 + 2 momentum m . g + v . g``, since ``G v = g``)
+      and the buffer is shortened where it exceeds the bound. Noisy
+      directions then add up to ``1 / (1 - momentum^2)`` times one step's
+      length, not ``1 / (1 - momentum)^2``, so the clip binds only where the
+      steps agree.
+    nesterov: Nesterov momentum (output ``momentum * m + v``).
     weight_sharing: for a layer used several times per example (conv
       positions, scan steps, tokens, repeated calls; the activations' first
       axis is the examples axis): ``"reduce"`` (one loss per example) sums
@@ -578,8 +593,17 @@ def scale_by_sngd(
       return "expand" if fisher.SCANNED in entry else "reduce"
     return mode
 
+  def clip_weight(path, entry):
+    if (_resolve(weight_sharing, path, "auto") == "auto"
+        and sharing(path, entry) == "expand" and "inputs" in entry):
+      return fisher.uses_per_example(entry["inputs"])
+    return 1
+
   def plan(tree):
     return plan_layers(tree, layer_fisher, nystrom, output_axes)
+
+  def buffer(params):
+    return None if momentum is None else jax.tree.map(jnp.zeros_like, params)
 
   def init_fn(params):
     if not jax.tree.leaves(params) and not isinstance(params, (dict, list,
@@ -589,7 +613,8 @@ def scale_by_sngd(
       # single leaves here, so the real state's dicts pass through whole.
       zeros = [jnp.zeros([], jnp.int32) for _ in range(4)]
       return ScaleBySNGDState(zeros[0], jnp.zeros([]), "per layer",
-                              "per layer", *zeros[1:])
+                              "per layer", *zeros[1:], buffer(params),
+                              jnp.zeros([], jnp.float32))
     layers, _, _ = plan(params)
     _warn_unmatched(params, layer_fisher=layer_fisher,
                     weight_sharing=weight_sharing, output_axes=output_axes)
@@ -606,7 +631,8 @@ def scale_by_sngd(
     # Distinct arrays (not one shared zero) so that the state can be donated.
     zeros = [jnp.zeros([], jnp.int32) for _ in range(4)]
     return ScaleBySNGDState(zeros[0], jnp.zeros([]), stats,
-                            preconditioners, *zeros[1:])
+                            preconditioners, *zeros[1:], buffer(params),
+                            jnp.zeros([], jnp.float32))
 
   def update_fn(updates, state, params=None, *, activations=None, **extra):
     del extra
@@ -720,24 +746,56 @@ def scale_by_sngd(
       inverse_faults += faults
     preconditioners = {**state.preconditioners, **fresh_preconditioners}
     directions, vg = {}, jnp.zeros([], jnp.float32)
+    # Each layer's share of the clip's |.|_G^2, times its uses per example
+    # where "auto" chose expand: the per-example Fisher sums over them.
+    weights = {path: clip_weight(path, entries[path]) for path in active}
     for path, layer in active.items():
       with jax.named_scope(f"sngd/{path}/apply"):
         g = _gradient_matrix(layer, preconditioners[path], leaves)
         directions[path] = layer.block.apply(preconditioners[path], g,
                                              entries[path])
-        vg += layer.block.quadratic(preconditioners[path], g,
-                                    directions[path]).astype(jnp.float32)
+        vg += weights[path] * layer.block.quadratic(
+            preconditioners[path], g, directions[path]).astype(jnp.float32)
+    norm = vg
+    if momentum is not None:  # |beta m + v|_G^2, with G v = g
+      momentum_leaves = treedef.flatten_up_to(state.momentum)
+      cross = sum((weights[path] * jnp.vdot(momentum_leaves[index],
+                                             leaves[index])
+                   for path, layer in active.items()
+                   for index, _, _ in layer.leaves), jnp.zeros([]))
+      norm = jnp.maximum(momentum ** 2 * state.momentum_norm
+                         + 2 * momentum * cross.astype(jnp.float32) + vg, 0.0)
     scale, clipped = 1.0, jnp.zeros([], jnp.int32)
     if kl_clip is not None:
       rate = learning_rate(count) if callable(learning_rate) else learning_rate
-      scale = _kl_clip_scale(vg, rate, kl_clip)
+      scale = _kl_clip_scale(norm, rate, kl_clip)
       clipped = (scale < 1).astype(jnp.int32)
     for path, layer in active.items():
-      _write_back(layer, directions[path] * scale, leaves)
+      _write_back(layer, directions[path], leaves)
+    active_leaves = {index for layer in active.values()
+                     for index, _, _ in layer.leaves}
+
+    def clip(leaves):  # the clip shortens the preconditioned leaves only
+      return [(x * scale).astype(x.dtype) if i in active_leaves else x
+              for i, x in enumerate(leaves)]
+
+    def heavy_ball(m, v):
+      return (momentum * m + v).astype(m.dtype)
+
+    new_buffer = None
+    if momentum is not None:
+      new_buffer = clip(list(map(heavy_ball, momentum_leaves, leaves)))
+      norm = norm * jnp.square(scale)
+      leaves = (list(map(heavy_ball, new_buffer, clip(leaves))) if nesterov
+                else new_buffer)
+      new_buffer = jax.tree.unflatten(treedef, new_buffer)
+    else:
+      leaves = clip(leaves)
     new_state = ScaleBySNGDState(
         optax.safe_increment(state.count), weight, stats, preconditioners,
         state.stats_faults + stat_faults,
-        state.inverse_faults + inverse_faults, state.clipped + clipped)
+        state.inverse_faults + inverse_faults, state.clipped + clipped,
+        new_buffer, norm if momentum is not None else state.momentum_norm)
     return jax.tree.unflatten(treedef, leaves), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -900,22 +958,24 @@ def sngd(
   ``sngd()`` is :func:`scale_by_sngd` and chains:
   ``optax.chain(sngd_jax.sngd(), optax.sgd(0.1))``. With a learning rate,
   ``sngd(0.1, momentum=0.9)`` is the complete optimizer: the preconditioned
-  direction, then decoupled weight decay (``weight_decay`` times the
-  parameters, after preconditioning, like AdamW), then heavy-ball or Nesterov
-  momentum, then ``-learning_rate`` (a float or an Optax schedule).
+  direction with heavy-ball or Nesterov momentum (the KL clip bounds the
+  momentum step itself), then decoupled weight decay (``weight_decay`` times
+  the parameters, outside the momentum, like AdamW), then ``-learning_rate``
+  (a float or an Optax schedule).
 
   Args:
     learning_rate: a float or schedule; ``None`` returns a direction.
-    momentum: momentum decay (``optax.trace``); None or 0 for none (None
-      stays static under ``optax.inject_hyperparams``, so no buffer is made).
+    momentum: momentum decay (:func:`scale_by_sngd`'s ``momentum``); None or
+      0 for none (None stays static under ``optax.inject_hyperparams``, so no
+      buffer is made).
     nesterov: Nesterov momentum.
     weight_decay: decoupled weight decay; None or 0 for none.
     weight_decay_mask: ``optax.add_decayed_weights``' mask.
     ema_decay, damping, relative_damping, stats_every, inverse_every,
     layer_fisher, solver, nystrom, kl_clip, weight_sharing, output_axes,
     axis_name, vmap_axis_name, stats_positions, refresh_axis: see
-      :func:`scale_by_sngd`. ``kl_clip`` bounds the step heavy-ball momentum
-      takes along a steady direction, ``learning_rate / (1 - momentum)``.
+      :func:`scale_by_sngd`. ``kl_clip`` bounds ``learning_rate^2 |m|_G^2``,
+      the KL of the step momentum takes.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs
@@ -926,28 +986,19 @@ def sngd(
     >>> tx = sngd_jax.sngd(0.1, momentum=0.9)
     >>> state = tx.init({"dense": {"kernel": jnp.ones((3, 2))}})
   """
-  # Heavy-ball momentum takes steps of learning_rate / (1 - momentum) along a
-  # steady direction: that is the step the KL clip must bound.
-  clip_rate: optax.ScalarOrSchedule
-  decay = 0.0 if momentum is None else momentum
-  if learning_rate is None:
-    clip_rate = 1.0
-  elif callable(learning_rate):
-    clip_rate = lambda count: learning_rate(count) / (1 - decay)
-  else:
-    clip_rate = learning_rate / (1 - decay)
+  no_momentum = momentum is None or _is_number(momentum) and momentum == 0
   parts = [scale_by_sngd(
       ema_decay=ema_decay, damping=damping, relative_damping=relative_damping,
       stats_every=stats_every, inverse_every=inverse_every,
       layer_fisher=layer_fisher, solver=solver, nystrom=nystrom,
-      kl_clip=kl_clip, learning_rate=clip_rate, weight_sharing=weight_sharing,
-      output_axes=output_axes, axis_name=axis_name,
-      vmap_axis_name=vmap_axis_name, stats_positions=stats_positions,
-      refresh_axis=refresh_axis)]
+      kl_clip=kl_clip,
+      learning_rate=1.0 if learning_rate is None else learning_rate,
+      momentum=None if no_momentum else momentum, nesterov=nesterov,
+      weight_sharing=weight_sharing, output_axes=output_axes,
+      axis_name=axis_name, vmap_axis_name=vmap_axis_name,
+      stats_positions=stats_positions, refresh_axis=refresh_axis)]
   if not (weight_decay is None or _is_number(weight_decay) and weight_decay == 0):
     parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
-  if not (momentum is None or _is_number(momentum) and momentum == 0):
-    parts.append(optax.trace(decay=momentum, nesterov=nesterov))
   if learning_rate is not None:
     parts.append(optax.scale_by_learning_rate(learning_rate))
   return parts[0] if len(parts) == 1 else optax.chain(*parts)

@@ -37,15 +37,21 @@ def test_sngd_without_arguments_chains_like_scale_by_adam():
                     rtol=1e-12)
 
 
-def test_complete_optimizer_is_chain_of_parts():
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_complete_optimizer_is_chain_of_parts(nesterov):
+  """Without the clip, SNGD's own momentum is ``optax.trace``'s; weight decay
+  comes after it (outside the momentum, like AdamW)."""
   params, acts, grads = setup()
-  tx = sngd_jax.sngd(0.1, momentum=0.9, weight_decay=1e-2)
+  tx = sngd_jax.sngd(0.1, momentum=0.9, nesterov=nesterov, weight_decay=1e-2,
+                     kl_clip=None)
   state = tx.init(params)
-  reference = optax.chain(sngd_jax.scale_by_sngd(),
+  reference = optax.chain(sngd_jax.scale_by_sngd(kl_clip=None),
+                          optax.trace(0.9, nesterov=nesterov),
                           optax.add_decayed_weights(1e-2),
-                          optax.trace(0.9), optax.scale_by_learning_rate(0.1))
+                          optax.scale_by_learning_rate(0.1))
   ref_state = reference.init(params)
-  for _ in range(3):
+  for step in range(3):
+    grads = jax.tree.map(lambda g, k=1 + step: g * k, grads)  # new lengths
     updates, state = tx.update(grads, state, params, activations=acts)
     expected, ref_state = reference.update(grads, ref_state, params,
                                            activations=acts)
@@ -194,7 +200,7 @@ def test_tree_map_params_maps_the_params_shaped_parts_of_the_state():
   _, state = tx.update(grads, state, params, activations=acts)
   cast = optax.tree_utils.tree_map_params(
       tx, lambda p: p.astype(jnp.float32), state)
-  momentum = cast[1].trace
+  momentum = cast[0].momentum
   assert jax.tree.structure(momentum) == jax.tree.structure(params)
   assert all(m.dtype == jnp.float32 for m in jax.tree.leaves(momentum))
   # The statistics are not params-shaped: passed through, or given to
@@ -203,7 +209,7 @@ def test_tree_map_params_maps_the_params_shaped_parts_of_the_state():
   marked = optax.tree_utils.tree_map_params(
       tx, lambda p: "param", state, transform_non_params=lambda _: "other")
   assert marked[0].stats == "other"
-  assert jax.tree.leaves(marked[1].trace) == ["param"] * 4
+  assert jax.tree.leaves(marked[0].momentum) == ["param"] * 4
 
 
 def test_apply_if_finite_blocks_nan_gradients():

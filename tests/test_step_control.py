@@ -102,19 +102,95 @@ def test_kl_clip_bounds_lr_squared_v_dot_g_and_counts_the_clipped_steps(nystrom)
                same, free)
 
 
-def test_the_optimizer_clips_the_momentum_step_learning_rate_over_one_minus_beta():
+def vdot(a, b):
+  return sum(float(jnp.vdot(x, y)) for x, y in
+             zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_the_momentum_clip_bounds_the_buffers_length_in_the_fisher_metric(nesterov):
+  """Against the buffer's ``|m|_G^2`` as a double sum ``sum c_k c_l v_k . g_l``.
+
+  With the preconditioner fixed after step 0 (``ema_decay=0``: no warm-up;
+  no later statistics or refresh), ``G v_l = g_l``, so the buffer
+  ``m = sum_k c_k v_k`` has ``m^T G m = sum_{k,l} c_k c_l v_k . g_l``; the
+  directions ``v_k`` come from the clip-free transform.
+  """
   params = mlp_params(jax.random.PRNGKey(0), [10, 8, 4])
-  x, labels = blobs(jax.random.PRNGKey(1), n=32)
-  (_, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(
-      params, x, labels)
-  options = dict(stats_every=1, inverse_every=1, kl_clip=1e-4)
-  tx = sngd_jax.sngd(0.1, momentum=0.9, **options)
-  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
-  reference = sngd_jax.scale_by_sngd(learning_rate=1.0, **options)
-  direction, _ = reference.update(grads, reference.init(params), params,
-                                  activations=acts)
-  jax.tree.map(lambda u, d: np.testing.assert_allclose(u, -0.1 * d, rtol=1e-6),
-               updates, direction)
+  options = dict(ema_decay=0.0, stats_every=1000, inverse_every=1000,
+                 nystrom=None)
+  lr, beta, kappa = 0.1, 0.9, 0.025
+  free = sngd_jax.scale_by_sngd(kl_clip=None, **options)
+  tx = sngd_jax.sngd(lr, momentum=beta, nesterov=nesterov, kl_clip=kappa,
+                     **options)
+  free_state, state = free.init(params), tx.init(params)
+  directions, grads, coefficients = [], [], []
+  bound_steps = 0
+  for step in range(8):
+    x, labels = blobs(jax.random.PRNGKey(10 + step), n=16)
+    (_, acts), g = jax.value_and_grad(loss_and_acts, has_aux=True)(
+        params, x, labels)
+    v, free_state = free.update(g, free_state, params, activations=acts)
+    updates, state = tx.update(g, state, params, activations=acts)
+    directions.append(v)
+    grads.append(g)
+    coefficients = [beta * c for c in coefficients] + [1.0]
+    norm = sum(ci * cj * vdot(directions[i], grads[j])
+               for i, ci in enumerate(coefficients)
+               for j, cj in enumerate(coefficients))
+    scale = min(1.0, (kappa / (lr ** 2 * norm)) ** 0.5)
+    bound_steps += scale < 1
+    coefficients = [scale * c for c in coefficients]
+    step_coefficients = ([beta * c for c in coefficients[:-1]]
+                         + [beta * coefficients[-1] + scale]
+                         if nesterov else coefficients)
+    expected = jax.tree.map(
+        lambda *vs, cs=step_coefficients: -lr * sum(
+            c * v for c, v in zip(cs, vs)),
+        *directions)
+    jax.tree.map(lambda u, e: np.testing.assert_allclose(u, e, rtol=1e-5,
+                                                         atol=1e-8),
+                 updates, expected)
+    sngd_state = state[0]
+    np.testing.assert_allclose(float(sngd_state.momentum_norm),
+                               norm * scale ** 2, rtol=1e-5)
+  # The bound binds on some steps and not on others: both branches checked.
+  assert 0 < bound_steps < 8
+  assert int(sngd_state.clipped) == bound_steps
+
+
+@pytest.mark.parametrize("sharing", ["auto", "expand"])
+def test_the_clip_counts_every_step_of_an_auto_expanded_recurrent_cell(sharing):
+  """``auto`` expands a scanned cell's statistic (a mean over its steps) but
+  measures the clip with the per-example Fisher's sum over them: its
+  ``v . g`` counts 8 times; an explicit ``expand`` (a loss per step) once."""
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.RNN(nn.SimpleCell(5, param_dtype=jnp.float64))(x[..., None])
+      return nn.Dense(2, param_dtype=jnp.float64)(h[:, -1])
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 8), jnp.float64)
+  model = Model()
+  params = model.init(jax.random.PRNGKey(1), x)["params"]
+  _, acts = sngd_jax.linen_capture(model, {"params": params}, x)
+  grads = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype)
+                                         ).reshape(p.shape), params)
+
+  def direction(**options):
+    tx = sngd_jax.scale_by_sngd(stats_every=1, inverse_every=1, nystrom=None,
+                                weight_sharing=sharing, **options)
+    return tx.update(grads, tx.init(params), params, activations=acts)
+
+  free, _ = direction(kl_clip=None)
+  cell = vdot(free["SimpleCell_0"], grads["SimpleCell_0"])
+  head = vdot(free["Dense_0"], grads["Dense_0"])
+  measured = (8 if sharing == "auto" else 1) * cell + head
+  clipped, state = direction(kl_clip=0.25 * measured)  # halves the step
+  assert int(state.clipped) == 1
+  jax.tree.map(lambda c, f: np.testing.assert_allclose(c, 0.5 * f, rtol=1e-6),
+               clipped, free)
 
 
 def test_input_scale_does_not_change_the_step():
