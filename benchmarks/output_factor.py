@@ -6,7 +6,7 @@ the layer's outputs (the capture does not record them). This script tries a
 stand-in that needs nothing new: per output unit ``j`` (the kernel's last
 axis), ``s_j`` = an EMA of the unit's share ``v_j . g_j`` of the step's
 ``v . g``; the direction of unit ``j`` is divided by ``sqrt(s_j / mean(s))``,
-clamped to [1/4, 4], then clipped at SNGD's KL clip (0.3, at ``lr / (1 -
+clamped to [1/4, 4], then clipped at SNGD's former KL clip (0.3, at ``lr / (1 -
 momentum)``). Everything else is SNGD's defaults with momentum 0.9.
 
 Runs the language model (with ``--suite full``) and the MNIST-1D GRU, each
