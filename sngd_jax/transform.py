@@ -497,8 +497,8 @@ def scale_by_sngd(
       (``momentum^2 |m|^2 + 2 momentum m . g + v . g``, since ``G v = g``)
       and the buffer is shortened where it exceeds the bound. Noisy
       directions then add up to ``1 / (1 - momentum^2)`` times one step's
-      length, not ``1 / (1 - momentum)^2``, so the clip binds only where the
-      steps agree.
+      squared length, not ``1 / (1 - momentum)^2``, so the clip binds only
+      where the steps agree.
     nesterov: Nesterov momentum (output ``momentum * m + v``).
     weight_sharing: for a layer used several times per example (conv
       positions, scan steps, tokens, repeated calls; the activations' first
