@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def mlp_params(key, sizes, dtype=jnp.float64):
@@ -46,19 +47,26 @@ def loss_and_acts(params, x, labels, activation=jax.nn.relu):
   return cross_entropy(logits, labels), jax.lax.stop_gradient(acts)
 
 
-def train(tx, params, x, labels, steps, activation=jax.nn.relu):
-  """Full-batch training; returns the final params and the loss history."""
-  state = tx.init(params)
+def trainer(make_tx, params, loss_fn, batches):
+  """``lr -> (final params, losses)``: ``make_tx(lr)`` trained in one scan.
+
+  ``loss_fn(params, batch)`` returns the loss and the activations; ``batches``
+  has a leading steps axis. The learning rate is traced, so one compiled
+  program serves every learning rate.
+  """
 
   @jax.jit
-  def step(params, state):
-    (loss, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(
-        params, x, labels, activation)
-    updates, state = tx.update(grads, state, params, activations=acts)
-    return jax.tree.map(lambda p, u: p + u, params, updates), state, loss
+  def run(lr):
+    tx = make_tx(lr)
 
-  losses = []
-  for _ in range(steps):
-    params, state, loss = step(params, state)
-    losses.append(float(loss))
-  return params, state, losses
+    def step(carry, batch):
+      params, state = carry
+      (loss, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          params, batch)
+      updates, state = tx.update(grads, state, params, activations=acts)
+      return (optax.apply_updates(params, updates), state), loss
+
+    (final, _), losses = jax.lax.scan(step, (params, tx.init(params)), batches)
+    return final, losses
+
+  return run

@@ -24,6 +24,11 @@ def test_bench_smoke_writes_tables_plots_and_json(tmp_path, capsys):
   assert (tmp_path / "mnist1d-mlp.png").stat().st_size > 10_000
   table = (tmp_path / "results.md").read_text()
   assert "| sngd |" in table and "| adam |" in table and "Peers: kfac" in table
+  # The summary: one row per task, a cell per optimizer.
+  assert "| task (target, epochs, batch) | sngd | adam |" in table
+  row = next(line for line in table.splitlines()
+             if line.startswith("| mnist1d-mlp (0.5, "))
+  assert row.count("(lr ") == len(expected)
   assert "step time vs Adam" in capsys.readouterr().out
 
 

@@ -156,13 +156,14 @@ def test_vmap_over_models_equals_the_loop_and_keeps_its_conditionals():
   options = dict(momentum=0.9, stats_every=2, inverse_every=3)
 
   def train(tx, params, steps=7):
-    state = tx.init(params)
-    for _ in range(steps):
+    def step(carry, _):  # a scan: one update in the program, not seven
+      params, state = carry
       (_, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(
           params, x, labels)
       updates, state = tx.update(grads, state, params, activations=acts)
-      params = optax.apply_updates(params, updates)
-    return params, state
+      return (optax.apply_updates(params, updates), state), None
+
+    return jax.lax.scan(step, (params, tx.init(params)), length=steps)[0]
 
   vmapped = jax.jit(jax.vmap(
       lambda p: train(sngd_jax.sngd(0.1, vmap_axis_name="models", **options), p),

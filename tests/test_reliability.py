@@ -99,7 +99,9 @@ def test_updates_are_finite_typed_descent_directions(d_in, width, batch, kind,
   grads = jax.tree.map(lambda p: jax.random.normal(
       jax.random.PRNGKey(seed + 2), p.shape, p.dtype), params)
   tx = sngd_jax.scale_by_sngd(layer_fisher=kind, ema_decay=0.5)
-  updates, state = tx.update(grads, tx.init(params), params, activations=acts)
+  # Jitted: one compilation, where an eager update compiles each conditional.
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), params,
+                                      activations=acts)
   for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)):
     assert u.shape == g.shape and u.dtype == g.dtype
   assert finite(updates) and finite(state)

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
-from helpers import blobs, loss_and_acts, mlp_params
+from helpers import blobs, loss_and_acts, mlp_params, trainer
 
 import sngd_jax
 from sngd_jax import linalg
@@ -29,24 +29,18 @@ class TinyCNN(nn.Module):
     return nn.Dense(4)(x.reshape(x.shape[0], -1))
 
 
-def train_minibatches(tx, model, x, labels, steps=150, batch=50):
-  """Minibatch training; returns the final params (finite or not)."""
-  params = model.init(jax.random.PRNGKey(0), x[:2])["params"]
-  state = tx.init(params)
+def train_minibatches(make_tx, model, x, labels, steps=150, batch=50):
+  """``lr -> (final params, losses)`` of minibatch training with ``make_tx(lr)``."""
+  x, labels = jnp.asarray(x), jnp.asarray(labels)
 
-  @jax.jit
-  def step(params, state, xb, yb):
-    def loss_fn(params):
-      logits, acts = sngd_jax.linen_capture(model, {"params": params}, xb)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), acts
-    (_, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, state = tx.update(grads, state, params, activations=acts)
-    return optax.apply_updates(params, updates), state
+  def loss_fn(params, idx):
+    logits, acts = sngd_jax.linen_capture(model, {"params": params}, x[idx])
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, labels[idx]).mean(), acts
 
   order = np.random.default_rng(0).integers(0, len(x), (steps, batch))
-  for idx in order:
-    params, state = step(params, state, x[idx], labels[idx])
-  return params
+  return trainer(make_tx, model.init(jax.random.PRNGKey(0), x[:2])["params"],
+                 loss_fn, order)
 
 
 def finite(tree):
@@ -62,11 +56,12 @@ def generated(d):
                          ids=["mlp", "cnn"])
 def test_defaults_never_produce_nan_at_any_learning_rate(model, d):
   x, labels = generated(d)
-  for lr in LEARNING_RATES:
-    for momentum in (0.0, 0.9):
-      params = train_minibatches(sngd_jax.sngd(lr, momentum=momentum), model(),
-                                 x, labels)
-      assert finite(params), (lr, momentum)
+  for momentum in (0.0, 0.9):
+    trained = train_minibatches(
+        lambda lr, m=momentum: sngd_jax.sngd(lr, momentum=m), model(), x,
+        labels)
+    for lr in LEARNING_RATES:
+      assert finite(trained(jnp.float32(lr))[0]), (lr, momentum)
 
 
 # Nystrom(rank=4, min_dim=8): the first layer (11 rows) takes the low-rank
@@ -124,14 +119,16 @@ def test_the_momentum_clip_bounds_the_buffers_length_in_the_fisher_metric(nester
   tx = sngd_jax.sngd(lr, momentum=beta, nesterov=nesterov, kl_clip=kappa,
                      **options)
   free_state, state = free.init(params), tx.init(params)
+  # Jitted: each eager update would compile its conditionals anew.
+  gradient = jax.jit(jax.value_and_grad(loss_and_acts, has_aux=True))
+  free_update, tx_update = jax.jit(free.update), jax.jit(tx.update)
   directions, grads, coefficients = [], [], []
   bound_steps = 0
   for step in range(8):
     x, labels = blobs(jax.random.PRNGKey(10 + step), n=16)
-    (_, acts), g = jax.value_and_grad(loss_and_acts, has_aux=True)(
-        params, x, labels)
-    v, free_state = free.update(g, free_state, params, activations=acts)
-    updates, state = tx.update(g, state, params, activations=acts)
+    (_, acts), g = gradient(params, x, labels)
+    v, free_state = free_update(g, free_state, params, activations=acts)
+    updates, state = tx_update(g, state, params, activations=acts)
     directions.append(v)
     grads.append(g)
     coefficients = [beta * c for c in coefficients] + [1.0]

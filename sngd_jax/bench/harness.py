@@ -438,6 +438,35 @@ def table(task: Task, best: dict[str, dict], failures: dict[str, str]) -> str:
   return "\n".join(rows)
 
 
+def summary(results: list[tuple[Task, dict[str, dict]]]) -> str:
+  """One row per task: each optimizer's time / epochs to target, the fastest in bold."""
+  names = list(dict.fromkeys(name for _, best in results for name in best))
+  rows = ["| task (target, epochs, batch) | " + " | ".join(names)
+          + " | SNGD step / Adam |", "|---" * (len(names) + 2) + "|"]
+  for task, best in results:
+    reached = {name: r["time_to_target"] for name, r in best.items()
+               if r["time_to_target"]}
+    fastest = min(reached, key=reached.__getitem__) if reached else None
+    cells = []
+    for name in names:
+      r = best.get(name)
+      if r is None:
+        cells.append("")
+        continue
+      if r["time_to_target"]:
+        cell = f"{r['time_to_target']:.2f} s / {r['epochs_to_target']:.2f}"
+        cell = f"**{cell}**" if name == fastest else cell
+      else:
+        cell = f"never ({_fmt(r['final_train_loss'], '.4g')})"
+      cells.append(f"{cell} (lr {r['lr']:g})")
+    ratio = (best["sngd"]["step_ms"] / best["adam"]["step_ms"]
+             if "sngd" in best and "adam" in best else None)
+    rows.append(f"| {task.name} ({task.target:g}, {task.epochs} ep, "
+                f"b{task.batch_size}) | " + " | ".join(cells)
+                + f" | {_fmt(ratio, '.2f')} |")
+  return "\n".join(rows)
+
+
 def plot(task: Task, best: dict[str, dict], out: Path):
   import matplotlib
   matplotlib.use("Agg")
@@ -515,6 +544,7 @@ def main(argv=None):
   lines = [f"Machine: {machine}", ""]
   peer_names = [p for p in peer_runs.PEERS
                 if p in args.optimizers and peer_runs.status(p) is None]
+  results = []
   for task in selected:
     data = task.dataset()
     if args.steps is not None:
@@ -546,6 +576,7 @@ def main(argv=None):
     for name in dict.fromkeys(r["optimizer"] for r in runs):
       mine = [r for r in runs if r["optimizer"] == name]
       best[name] = min(mine, key=lambda r: r["val_loss"] if np.isfinite(r["val_loss"]) else np.inf)
+    results.append((task, best))
     text = table(task, best, failures)
     print("\n" + text + "\n", flush=True)
     lines += [text, ""]
@@ -556,6 +587,11 @@ def main(argv=None):
                                       plot=str(png))
   lines.append("Peers: " + "; ".join(f"{k}: {v}" for k, v in peers.items()))
   print(lines[-1])
+  # The verdict first: time (s) / epochs to target per task and optimizer.
+  overview = summary(results)
+  print("\n" + overview)
+  lines[2:2] = ["Time to target (s) / epochs to target, the lr validation picked:",
+                "", overview, ""]
   (out / "results.md").write_text("\n".join(lines) + "\n")
   (out / "results.json").write_text(json.dumps(report, indent=1, default=str))
   print(f"Wrote {out / 'results.md'}, {out / 'results.json'} and the plots in {out}/")
