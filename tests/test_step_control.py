@@ -31,7 +31,6 @@ class TinyCNN(nn.Module):
 
 def train_minibatches(make_tx, model, x, labels, steps=150, batch=50):
   """``lr -> (final params, losses)`` of minibatch training with ``make_tx(lr)``."""
-  x, labels = jnp.asarray(x), jnp.asarray(labels)
 
   def loss_fn(params, idx):
     logits, acts = sngd_jax.linen_capture(model, {"params": params}, x[idx])
@@ -48,8 +47,7 @@ def finite(tree):
 
 
 def generated(d):
-  x, labels = blobs(jax.random.PRNGKey(1), n=1000, d=d, dtype=jnp.float32)
-  return np.asarray(x), np.asarray(labels)
+  return blobs(jax.random.PRNGKey(1), n=1000, d=d, dtype=jnp.float32)
 
 
 @pytest.mark.parametrize("model,d", [(TinyMLP, 20), (TinyCNN, 24)],
