@@ -46,10 +46,11 @@ def step(params, state, x, labels):
 
 
 def train(params, x, labels, jitted):
-  state = tx.init(params)
+  # One program at a time (init, then each step): XLA:CPU (jax 0.10.2) can
+  # deadlock in a collective when consecutive multi-device programs overlap
+  # on a loaded machine.
+  state = jax.block_until_ready(tx.init(params))
   for _ in range(6):
-    # One step at a time: XLA:CPU (jax 0.10.2) can deadlock in a collective
-    # when consecutive multi-device steps overlap on a loaded machine.
     params, state, _ = jax.block_until_ready(jitted(params, state, x, labels))
   return params
 
@@ -173,7 +174,8 @@ def split_train(tx, params, x, labels, run, mean_grads=False, mean_loss=False,
       grads = jax.lax.pmean(grads, "data")
     updates, state = tx.update(grads, state, params, activations=acts)
     return optax.apply_updates(params, updates), state
-  return run(step, params, (init or tx.init)(params), x, labels)
+  return run(step, params, jax.block_until_ready((init or tx.init)(params)),
+             x, labels)
 
 
 def run_steps(step, params, state, x, labels):

@@ -226,8 +226,12 @@ def test_apply_if_finite_blocks_nan_gradients():
   assert any(np.any(u != 0) for u in jax.tree.leaves(updates))
 
 
-def test_state_survives_jit_and_steps_do_not_recompile():
+def test_state_survives_jit_and_steps_do_not_recompile(monkeypatch):
   params, acts, grads = setup()
+  plans = []  # each trace of init or update plans the layers once
+  plan_layers = sngd_jax.transform.plan_layers
+  monkeypatch.setattr(sngd_jax.transform, "plan_layers",
+                      lambda *a: plans.append(1) or plan_layers(*a))
   tx = sngd_jax.sngd(0.1, momentum=0.9, inverse_every=2)
   traces = []
 
@@ -245,6 +249,9 @@ def test_state_survives_jit_and_steps_do_not_recompile():
                                      activations=acts)
     eager_params = optax.apply_updates(eager_params, updates)
   assert len(traces) == 1
+  # Called eagerly, the update too is traced once and reused: init, then the
+  # eager update and the one inside step (JAX may share their one trace).
+  assert len(plans) <= 3, len(plans)
   assert isinstance(state[0], sngd_jax.ScaleBySNGDState)
   assert int(state[0].count) == 5
   assert_tree_close(params, eager_params, rtol=1e-6)
