@@ -548,7 +548,9 @@ def scale_by_sngd(
       ``jax.jit``. ``None``: every device computes every inverse.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``.
+    An ``optax.GradientTransformationExtraArgs``. Its ``init`` and ``update``
+    are compiled once per argument shapes (``jax.jit``): called eagerly they
+    run as fast as inside a jitted step, where they are inlined.
 
   References:
     Liu et al., Reconstructing Deep Neural Networks: Unleashing the
