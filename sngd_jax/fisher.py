@@ -234,6 +234,15 @@ class _Block:
     del precond
     return jnp.vdot(direction, g)
 
+  def metric(self, precond, m, entry):
+    """``<m, P^{-1} m>``: ``m``'s squared length in the metric ``P`` preconditions with.
+
+    After a refresh changes ``P``, the momentum clip measures its buffer anew
+    with it.
+    """
+    del entry
+    return self.metric_matrix(precond, m)
+
 
 @dataclasses.dataclass(frozen=True)
 class Linear(_Block):
@@ -279,6 +288,9 @@ class Linear(_Block):
 
   def apply_matrix(self, precond, g):
     return precond @ g
+
+  def metric_matrix(self, precond, m):
+    return jnp.vdot(m, linalg.cholesky_inverse(precond, m))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,6 +350,11 @@ class NystromLinear(_Block):
     return linalg.nystrom_quadratic(
         precond["basis"], precond["core"], precond["shift"], g)
 
+  def metric_matrix(self, precond, m):
+    # P^{-1} = shift I + B B^T exactly (the Woodbury form's own matrix).
+    projected = precond["basis"].T @ m
+    return precond["shift"] * jnp.vdot(m, m) + jnp.vdot(projected, projected)
+
 
 @dataclasses.dataclass(frozen=True)
 class _UnitBlocks(_Block):
@@ -365,6 +382,10 @@ class _UnitBlocks(_Block):
   def apply_matrix(self, precond, g):
     # update[:, j] = P_j @ g[:, j]
     return jnp.einsum("jik,kj->ij", precond, g)
+
+  def metric_matrix(self, precond, m):
+    return jnp.sum(jax.vmap(lambda p, column: jnp.vdot(
+        column, linalg.cholesky_inverse(p, column[:, None])))(precond, m.T))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -417,6 +438,10 @@ class Softmax(_Block):
   def apply_matrix(self, precond, g):
     rotated = precond["input"].T @ g @ precond["output"]
     return precond["input"] @ (rotated * precond["scale"]) @ precond["output"].T
+
+  def metric_matrix(self, precond, m):
+    rotated = precond["input"].T @ m @ precond["output"]
+    return jnp.sum(jnp.square(rotated) / precond["scale"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -483,20 +508,32 @@ class Embedding(_Block):
     return {"counts": stats["counts"] + shift, "values": values,
             "vectors": vectors}
 
+  def _lookups_only(self, entry):
+    """Which rows a lookup-only table preconditions: ``(vocab, 1)``.
+
+    Rows no captured lookup used in this batch whose gradient is not zero
+    come from a use the capture did not see (the table multiplied by hand,
+    say): they keep the plain gradient, never 1/damping times it.
+    """
+    if "inputs" not in entry:
+      return jnp.ones((self.vocab, 1), bool)
+    ids = jnp.reshape(_replicated(entry["inputs"]), (-1,))
+    return jnp.zeros((self.vocab,), bool).at[ids].set(True)[:, None]
+
   def apply(self, precond, g, entry):
     counts = precond["counts"][:, None]
     if "attend" not in entry:
-      direction = g / counts
-      if "inputs" in entry:
-        # Rows no captured lookup used in this batch whose gradient is not
-        # zero come from a use the capture did not see (the table multiplied
-        # by hand, say): they keep the plain gradient, never 1/damping times it.
-        ids = jnp.reshape(_replicated(entry["inputs"]), (-1,))
-        seen = jnp.zeros((self.vocab,), bool).at[ids].set(True)
-        direction = jnp.where(seen[:, None], direction, g)
-      return direction
+      return jnp.where(self._lookups_only(entry), g / counts, g)
     rotated = g @ precond["vectors"]
     return (rotated / (counts + precond["values"])) @ precond["vectors"].T
+
+  def metric(self, precond, m, entry):
+    counts = precond["counts"][:, None]
+    if "attend" not in entry:
+      return jnp.sum(jnp.where(self._lookups_only(entry), counts, 1.0)
+                     * jnp.square(m))
+    rotated = m @ precond["vectors"]
+    return jnp.sum(jnp.square(rotated) * (counts + precond["values"]))
 
 
 Block = Any  # One of the dataclasses above.

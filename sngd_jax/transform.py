@@ -494,8 +494,8 @@ def scale_by_sngd(
     momentum: heavy-ball momentum ``m <- momentum * m + v``, output instead
       of ``v`` (None: none, no buffer). The clip then bounds the step ``m``
       itself: ``|m|_G^2`` is tracked exactly for a fixed metric
-      (``momentum^2 |m|^2 + 2 momentum m . g + v . g``, since ``G v = g``)
-      and the buffer is shortened where it exceeds the bound. Noisy
+      (``momentum^2 |m|^2 + 2 momentum m . g + v . g``, since ``G v = g``),
+      measured anew in the new blocks' metric at each refresh, and the buffer is shortened where it exceeds the bound. Noisy
       directions then add up to ``1 / (1 - momentum^2)`` times one step's
       squared length, not ``1 / (1 - momentum)^2``, so the clip binds only
       where the steps agree.
@@ -753,10 +753,26 @@ def scale_by_sngd(
       fresh_preconditioners.update(zip(paths, fresh))
       inverse_faults += faults
     preconditioners = {**state.preconditioners, **fresh_preconditioners}
-    directions, vg = {}, jnp.zeros([], jnp.float32)
     # Each layer's share of the clip's |.|_G^2, times its uses per example
     # where "auto" chose expand: the per-example Fisher sums over them.
     weights = {path: clip_weight(path, entries[path]) for path in active}
+    momentum_norm = state.momentum_norm
+    if momentum is not None:
+      momentum_leaves = treedef.flatten_up_to(state.momentum)
+
+      def remeasured():  # |m|_G^2 in the metric of the new blocks
+        norm = sum((weights[path] * layer.block.metric(
+            preconditioners[path],
+            _gradient_matrix(layer, preconditioners[path], momentum_leaves),
+            entries[path]).astype(jnp.float32)
+                    for path, layer in active.items()),
+                   jnp.zeros([], jnp.float32))
+        return jnp.where(jnp.isfinite(norm), norm, state.momentum_norm)
+
+      with jax.named_scope("sngd/momentum_norm"):
+        momentum_norm = jax.lax.cond(refresh, remeasured,
+                                     lambda: state.momentum_norm)
+    directions, vg = {}, jnp.zeros([], jnp.float32)
     for path, layer in active.items():
       with jax.named_scope(f"sngd/{path}/apply"):
         g = _gradient_matrix(layer, preconditioners[path], leaves)
@@ -766,12 +782,11 @@ def scale_by_sngd(
             preconditioners[path], g, directions[path]).astype(jnp.float32)
     norm = vg
     if momentum is not None:  # |beta m + v|_G^2, with G v = g
-      momentum_leaves = treedef.flatten_up_to(state.momentum)
       cross = sum((weights[path] * jnp.vdot(momentum_leaves[index],
                                              leaves[index])
                    for path, layer in active.items()
                    for index, _, _ in layer.leaves), jnp.zeros([]))
-      norm = jnp.maximum(momentum ** 2 * state.momentum_norm
+      norm = jnp.maximum(momentum ** 2 * momentum_norm
                          + 2 * momentum * cross.astype(jnp.float32) + vg, 0.0)
     scale, clipped = 1.0, jnp.zeros([], jnp.int32)
     if kl_clip is not None:

@@ -154,6 +154,79 @@ def test_the_momentum_clip_bounds_the_buffers_length_in_the_fisher_metric(nester
   assert int(sngd_state.clipped) == bound_steps
 
 
+def block_kinds():
+  """One layer of every block kind, its float64 statistic and its entry."""
+  params = {
+      "embed": {"embedding": jnp.zeros((12, 6))},  # lookups and attend
+      "lookups": {"embedding": jnp.zeros((12, 6))},  # some rows unseen
+      "norm": {"scale": jnp.ones(6), "bias": jnp.zeros(6)},
+      "head": {"kernel": jnp.zeros((6, 5)), "bias": jnp.zeros(5)},
+      "units": {"kernel": jnp.zeros((6, 7)), "bias": jnp.zeros(7)},
+      "exact": {"kernel": jnp.zeros((9, 4)), "bias": jnp.zeros(4)},
+      "wide": {"kernel": jnp.zeros((40, 3)), "bias": jnp.zeros(3)},
+  }
+  layers, _, _ = sngd_jax.transform.plan_layers(
+      params, {"head": "softmax", "units": "relu", "*": "linear"},
+      sngd_jax.Nystrom(rank=8, min_dim=32))
+  key = jax.random.PRNGKey(0)
+  entries = {"embed": {"inputs": jax.random.randint(key, (32, 3), 0, 12),
+                       "attend": jax.random.normal(key, (32, 3, 6))},
+             "lookups": {"inputs": jax.random.randint(key, (4,), 0, 12)}}
+  for i, layer in enumerate(layers):
+    if layer.path not in entries:
+      k = jax.random.fold_in(key, i)
+      width = layer.d_out if layer.kind == "affine" else layer.d_in
+      entries[layer.path] = {"inputs": jax.random.normal(k, (32, width)),
+                             "outputs": jax.random.normal(k, (32, layer.d_out))}
+  return [(layer, layer.block.statistic(entries[layer.path], jnp.float64),
+           entries[layer.path]) for layer in layers]
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_every_blocks_metric_inverts_its_preconditioner(index):
+  """``metric(P, m) = m^T P^{-1} m``: for ``v = P g``, ``v^T P^{-1} v = g^T P g``."""
+  layer, stats, entry = block_kinds()[index]
+  precond = layer.block.refresh(stats, 1e-4, 1e-2, "cholesky")
+  rows = sum(rows for _, _, rows in layer.leaves)  # the bias row included
+  g = jax.random.normal(jax.random.PRNGKey(index), (rows, layer.d_out))
+  v = layer.block.apply(precond, g, entry)
+  np.testing.assert_allclose(layer.block.metric(precond, v, entry),
+                             jnp.vdot(v, g), rtol=1e-9)
+
+
+def test_a_refresh_remeasures_the_momentum_buffer_in_the_new_metric():
+  """After a refresh ``|m|_G^2`` is the buffer in the new blocks' metric:
+  ``m^T (P^{-1} (x) I) m`` per layer, with ``P^{-1}`` inverted by NumPy."""
+  params = mlp_params(jax.random.PRNGKey(0), [10, 8, 4])
+  tx = sngd_jax.sngd(0.1, momentum=0.9, stats_every=1, inverse_every=3,
+                     nystrom=None)
+  state = tx.init(params)
+  gradient = jax.jit(jax.value_and_grad(loss_and_acts, has_aux=True))
+  for step in range(7):  # refreshes at steps 0, 3 and 6
+    x, labels = blobs(jax.random.PRNGKey(10 + step), n=16)
+    (_, acts), g = gradient(params, x, labels)
+    buffer = state[0].momentum
+    updates, state = tx.update(g, state, params, activations=acts)
+    params = optax.apply_updates(params, updates)
+  sngd_state = state[0]
+  expected = 0.0
+  for path, precond in sngd_state.preconditioners.items():
+    m = np.concatenate([np.asarray(buffer[path]["kernel"]),
+                        np.asarray(buffer[path]["bias"])[None]])
+    expected += np.vdot(m, np.linalg.inv(np.asarray(precond)) @ m)
+  # The clip's measure at step 6: |beta m + v|_G^2 from |m|_G^2 in the new
+  # metric; the stale one (the old metric's) would differ.
+  v_dot_g = sum(jnp.vdot(d, gl) for d, gl in zip(
+      jax.tree.leaves(jax.tree.map(lambda new, old: new - 0.9 * old,
+                                   sngd_state.momentum, buffer)),
+      jax.tree.leaves(g)))
+  cross = sum(jnp.vdot(m, gl) for m, gl in zip(jax.tree.leaves(buffer),
+                                                jax.tree.leaves(g)))
+  np.testing.assert_allclose(
+      float(sngd_state.momentum_norm),
+      0.81 * expected + 2 * 0.9 * float(cross) + float(v_dot_g), rtol=1e-5)
+
+
 @pytest.mark.parametrize("sharing", ["auto", "expand"])
 def test_the_clip_counts_every_step_of_an_auto_expanded_recurrent_cell(sharing):
   """``auto`` expands a scanned cell's statistic (a mean over its steps) but
