@@ -188,9 +188,10 @@ def test_vmap_over_models_equals_the_loop_and_keeps_its_conditionals():
     return jax.make_jaxpr(jax.vmap(update, axis_name="models"))(
         stack(grads), jax.vmap(tx.init)(params), params, stack(acts)).jaxpr
 
-  # Statistics, one refresh per layer and its retry: conditionals, not
-  # selects that would run them at every step.
-  assert _conds(update_jaxpr("models")) == 1 + 2 * 2
+  # Statistics, one refresh per layer and its retry, the momentum buffer's
+  # remeasure at a refresh: conditionals, not selects that would run them at
+  # every step.
+  assert _conds(update_jaxpr("models")) == 1 + 2 * 2 + 1
   assert _conds(update_jaxpr(None)) == 0
 
 
