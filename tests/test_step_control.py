@@ -1,5 +1,7 @@
 """Step-size control: the KL clip, the EMA's warm-up, and solvers that refuse bad inverses."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,6 +156,7 @@ def test_the_momentum_clip_bounds_the_buffers_length_in_the_fisher_metric(nester
   assert int(sngd_state.clipped) == bound_steps
 
 
+@functools.cache
 def block_kinds():
   """One layer of every block kind, its float64 statistic and its entry."""
   params = {
@@ -186,12 +189,16 @@ def block_kinds():
 def test_every_blocks_metric_inverts_its_preconditioner(index):
   """``metric(P, m) = m^T P^{-1} m``: for ``v = P g``, ``v^T P^{-1} v = g^T P g``."""
   layer, stats, entry = block_kinds()[index]
-  precond = layer.block.refresh(stats, 1e-4, 1e-2, "cholesky")
   rows = sum(rows for _, _, rows in layer.leaves)  # the bias row included
   g = jax.random.normal(jax.random.PRNGKey(index), (rows, layer.d_out))
-  v = layer.block.apply(precond, g, entry)
-  np.testing.assert_allclose(layer.block.metric(precond, v, entry),
-                             jnp.vdot(v, g), rtol=1e-9)
+
+  @jax.jit  # one program: eager, each op of each kind would compile alone
+  def metric_and_quadratic(stats, g, entry):
+    precond = layer.block.refresh(stats, 1e-4, 1e-2, "cholesky")
+    v = layer.block.apply(precond, g, entry)
+    return layer.block.metric(precond, v, entry), jnp.vdot(v, g)
+
+  np.testing.assert_allclose(*metric_and_quadratic(stats, g, entry), rtol=1e-9)
 
 
 def test_a_refresh_remeasures_the_momentum_buffer_in_the_new_metric():
