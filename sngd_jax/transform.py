@@ -495,8 +495,9 @@ def scale_by_sngd(
       of ``v`` (None: none, no buffer). The clip then bounds the step ``m``
       itself: ``|m|_G^2`` is tracked exactly for a fixed metric
       (``momentum^2 |m|^2 + 2 momentum m . g + v . g``, since ``G v = g``),
-      measured anew in the new blocks' metric at each refresh, and the buffer is shortened where it exceeds the bound. Noisy
-      directions then add up to ``1 / (1 - momentum^2)`` times one step's
+      measured anew in the new blocks' metric at each refresh, and the
+      buffer is shortened where it exceeds the bound. Noisy directions
+      then add up to ``1 / (1 - momentum^2)`` times one step's
       squared length, not ``1 / (1 - momentum)^2``, so the clip binds only
       where the steps agree.
     nesterov: Nesterov momentum (output ``momentum * m + v``).
