@@ -39,7 +39,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: lint
-	$(VENV)/bin/python -m pytest -n 2 --durations=15 tests
+	$(VENV)/bin/python -m pytest -n 2 --maxschedchunk 1 --durations=15 tests
 
 # Every deliberate bug in tests/mutants.py must fail a test (~15 min).
 mutants: $(STAMP)

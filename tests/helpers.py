@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import sngd_jax
+
 
 def mlp_params(key, sizes, dtype=jnp.float64):
   params = {}
@@ -70,3 +72,37 @@ def trainer(make_tx, params, loss_fn, batches):
     return final, losses
 
   return run
+
+
+def every_block_kind(units="relu", norms=1, exact=1, unseen_rows=False):
+  """One layer of each block kind and an activations entry for each.
+
+  An embedding used by lookups and ``attend``, ``norms`` norms of one width,
+  a softmax head, per-unit blocks (``units``), ``exact`` exact blocks of one
+  size and a Nystrom block; with ``unseen_rows``, an embedding whose few
+  lookups leave most rows unseen. Returns ``(layers, entries)``.
+  """
+  def dense(d_in, d_out):
+    return {"kernel": jnp.zeros((d_in, d_out)), "bias": jnp.zeros(d_out)}
+
+  params = {"embed": {"embedding": jnp.zeros((12, 6))},
+            **({"lookups": {"embedding": jnp.zeros((12, 6))}} if unseen_rows else {}),
+            **{f"norm{i}": {"scale": jnp.ones(6), "bias": jnp.zeros(6)}
+               for i in range(norms)},
+            "head": dense(6, 5), "units": dense(6, 7),
+            **{f"exact{i}": dense(9, 4) for i in range(exact)},
+            "wide": dense(40, 3)}
+  layers, _, _ = sngd_jax.transform.plan_layers(
+      params, {"head": "softmax", "units": units, "*": "linear"},
+      sngd_jax.Nystrom(rank=8, min_dim=32))
+  key = jax.random.PRNGKey(0)
+  entries = {"embed": {"inputs": jax.random.randint(key, (32, 3), 0, 12),
+                       "attend": jax.random.normal(key, (32, 3, 6))},
+             "lookups": {"inputs": jax.random.randint(key, (4,), 0, 12)}}
+  for i, layer in enumerate(layers):
+    if layer.path not in entries:
+      k = jax.random.fold_in(key, i)
+      width = layer.d_out if layer.kind == "affine" else layer.d_in
+      entries[layer.path] = {"inputs": jax.random.normal(k, (32, width)),
+                             "outputs": jax.random.normal(k, (32, layer.d_out))}
+  return layers, {layer.path: entries[layer.path] for layer in layers}

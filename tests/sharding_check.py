@@ -14,7 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from helpers import blobs, loss_and_acts, mlp_forward, mlp_params
+from helpers import (
+  blobs,
+  every_block_kind,
+  loss_and_acts,
+  mlp_forward,
+  mlp_params,
+)
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -254,30 +260,7 @@ split_vmap = max(rel(jax.tree.map(lambda a: a[0], both), split_single),
 # embedding used by attend, two norms of one width (a group), a softmax
 # layer, per-unit blocks, three exact blocks of one size (2 devices each, 2
 # idle) and a Nystrom block.
-kinds_params = {
-    "embed": {"embedding": jnp.zeros((12, 6))},
-    "norm0": {"scale": jnp.ones(6), "bias": jnp.zeros(6)},
-    "norm1": {"scale": jnp.ones(6), "bias": jnp.zeros(6)},
-    "head": {"kernel": jnp.zeros((6, 5)), "bias": jnp.zeros(5)},
-    "units": {"kernel": jnp.zeros((6, 7)), "bias": jnp.zeros(7)},
-    **{f"same{i}": {"kernel": jnp.zeros((9, 4)), "bias": jnp.zeros(4)}
-       for i in range(3)},
-    "wide": {"kernel": jnp.zeros((40, 3)), "bias": jnp.zeros(3)},
-}
-kinds_layers, _, _ = transform.plan_layers(
-    kinds_params, {"head": "softmax", "units": "tanh", "*": "linear"},
-    sngd_jax.Nystrom(rank=8, min_dim=32))
-entries = {
-    "embed": {"inputs": jax.random.randint(jax.random.PRNGKey(6), (32, 3), 0, 12),
-              "attend": jax.random.normal(jax.random.PRNGKey(7), (32, 3, 6))},
-}
-for i, layer in enumerate(kinds_layers):
-  if layer.path in entries:
-    continue
-  key = jax.random.fold_in(jax.random.PRNGKey(8), i)
-  width = layer.d_out if layer.kind == "affine" else layer.d_in
-  entries[layer.path] = {"inputs": jax.random.normal(key, (32, width)),
-                         "outputs": jax.random.normal(key, (32, layer.d_out))}
+kinds_layers, entries = every_block_kind(units="tanh", norms=2, exact=3)
 kinds_stats = {layer.path: layer.block.statistic(entries[layer.path], jnp.float32)
                for layer in kinds_layers}
 kinds_whole = jax.jit(lambda s: flops.refresh({}, kinds_layers, s))(kinds_stats)

@@ -87,7 +87,7 @@ def test_nan_gradients_never_reach_params_with_apply_if_finite():
   assert finite(params) and int(state.notfinite_count) == 3
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(d_in=st.integers(1, 9), width=st.integers(1, 7), batch=st.integers(1, 5),
        kind=st.sampled_from(["linear", "relu", "tanh", "softmax"]),
        dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), seed=st.integers(0, 99))

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
-from helpers import blobs, loss_and_acts, mlp_params, trainer
+from helpers import blobs, every_block_kind, loss_and_acts, mlp_params, trainer
 
 import sngd_jax
 from sngd_jax import linalg
@@ -159,28 +159,7 @@ def test_the_momentum_clip_bounds_the_buffers_length_in_the_fisher_metric(nester
 @functools.cache
 def block_kinds():
   """One layer of every block kind, its float64 statistic and its entry."""
-  params = {
-      "embed": {"embedding": jnp.zeros((12, 6))},  # lookups and attend
-      "lookups": {"embedding": jnp.zeros((12, 6))},  # some rows unseen
-      "norm": {"scale": jnp.ones(6), "bias": jnp.zeros(6)},
-      "head": {"kernel": jnp.zeros((6, 5)), "bias": jnp.zeros(5)},
-      "units": {"kernel": jnp.zeros((6, 7)), "bias": jnp.zeros(7)},
-      "exact": {"kernel": jnp.zeros((9, 4)), "bias": jnp.zeros(4)},
-      "wide": {"kernel": jnp.zeros((40, 3)), "bias": jnp.zeros(3)},
-  }
-  layers, _, _ = sngd_jax.transform.plan_layers(
-      params, {"head": "softmax", "units": "relu", "*": "linear"},
-      sngd_jax.Nystrom(rank=8, min_dim=32))
-  key = jax.random.PRNGKey(0)
-  entries = {"embed": {"inputs": jax.random.randint(key, (32, 3), 0, 12),
-                       "attend": jax.random.normal(key, (32, 3, 6))},
-             "lookups": {"inputs": jax.random.randint(key, (4,), 0, 12)}}
-  for i, layer in enumerate(layers):
-    if layer.path not in entries:
-      k = jax.random.fold_in(key, i)
-      width = layer.d_out if layer.kind == "affine" else layer.d_in
-      entries[layer.path] = {"inputs": jax.random.normal(k, (32, width)),
-                             "outputs": jax.random.normal(k, (32, layer.d_out))}
+  layers, entries = every_block_kind(unseen_rows=True)
   return [(layer, layer.block.statistic(entries[layer.path], jnp.float64),
            entries[layer.path]) for layer in layers]
 
