@@ -115,6 +115,30 @@ def inverse(a, solver: str, rhs=None):
   raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
 
 
+def output_roots(mean, weight, power, eigenvalue_range):
+  """The output side's factor from its EMA: ``(R^{-power}, R^{power/2})``.
+
+  ``mean`` is the bias-corrected mean of ``sym(v^T g)`` (``(d_out, d_out)``);
+  ``R`` is it divided by its mean eigenvalue (so the layer's step keeps the
+  input side's scale), shrunk toward ``I`` with weight ``1 - weight`` while
+  few statistics are in it, with eigenvalues clipped to
+  ``eigenvalue_range``. Directions are multiplied by the first matrix; a
+  buffer measured in the metric is multiplied by the second, since
+  ``|m|^2`` in ``A (x) R^power`` is ``|m R^{power/2}|^2`` in ``A``. Non-finite
+  where the eigendecomposition failed.
+  """
+  dim = mean.shape[-1]
+  eye = jnp.eye(dim, dtype=mean.dtype)
+  scale = jnp.trace(mean) / dim
+  # No gradient seen yet (a zero mean): no output-side information, R = I.
+  relative = jnp.where(scale > 0, mean / jnp.where(scale > 0, scale, 1), eye)
+  shrunk = weight * relative + (1 - weight) * eye
+  eigvals, eigvecs = jnp.linalg.eigh(shrunk)
+  eigvals = jnp.clip(eigvals, *eigenvalue_range)
+  return ((eigvecs * eigvals ** -power) @ eigvecs.T,
+          (eigvecs * eigvals ** (power / 2)) @ eigvecs.T)
+
+
 def nystrom_factors(columns, column_index, shift, diagonal=None,
                     axis_name=None):
   """Woodbury factors of ``(shift * I + C W^+ C^T)^{-1}``.

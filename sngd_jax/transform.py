@@ -27,6 +27,12 @@ OutputAxes = None | int | Mapping[str, int] | Callable[[str], int | None]
 WEIGHT_SHARING = ("auto", "reduce", "expand")
 # stats_positions="auto": positions per example a statistic samples.
 DEFAULT_STATS_POSITIONS = 64
+# The output factor R (output_factor=True): directions are multiplied by
+# R^-OUTPUT_POWER, R's eigenvalues (mean 1) clipped to OUTPUT_RANGE; layers
+# with more outputs than OUTPUT_MAX_DIM go without (R is d_out x d_out).
+OUTPUT_POWER = 0.5
+OUTPUT_RANGE = (1 / 16, 16.0)
+OUTPUT_MAX_DIM = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +66,8 @@ class ScaleBySNGDState(NamedTuple):
   clipped: jax.Array  # int32 (): steps whose direction ``kl_clip`` shortened.
   momentum: Any  # params-shaped heavy-ball buffer ``m``; None without ``momentum``.
   momentum_norm: jax.Array  # float32 (): ``|m|_G^2``, the buffer's squared length in the blocks' metric.
+  output_stats: dict[str, Any]  # (d_out, d_out) zero-started EMA of sym(v^T g) per layer with an output factor.
+  output_factors: dict[str, Any]  # (R^-p, R^{p/2}), each (d_out, d_out), refreshed with the inverses.
 
 
 # ----------------------------------------------------------------------------
@@ -434,6 +442,7 @@ def scale_by_sngd(
     vmap_axis_name: str | None = None,
     stats_positions: int | str | None = "auto",
     refresh_axis: str | None = None,
+    output_factor: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with the damped inverse local Fisher of each layer.
 
@@ -547,6 +556,17 @@ def scale_by_sngd(
       each block on every device): the axis of a ``jax.pmap``/``shard_map``
       running the step, or an axis of the mesh set by ``jax.set_mesh`` under
       ``jax.jit``. ``None``: every device computes every inverse.
+    output_factor: the output side of the ``linear`` blocks (dense, conv,
+      attention projections, recurrent cells; up to 2048 outputs). The blocks
+      above see a layer's inputs only; a Kronecker Fisher ``A (x) S`` also
+      has a factor ``S`` over the outputs (K-FAC's ``E[delta delta^T]``).
+      Since ``E[(A^-1 g)^T g]`` is proportional to ``S`` (plus the mean
+      gradient's own term), its EMA, taken at the statistics steps, gives
+      ``S`` without any output gradients: normalized to mean eigenvalue 1
+      (the layer keeps its step's scale), eigenvalues clipped to [1/16, 16]
+      and refreshed with the inverses, it multiplies the direction as
+      ``A^-1 g R^-1/2``. ``False``: the input side only (the paper's
+      blocks).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its ``init`` and ``update``
@@ -605,6 +625,11 @@ def scale_by_sngd(
   def plan(tree):
     return plan_layers(tree, layer_fisher, nystrom, output_axes)
 
+  def with_output_factor(layer):
+    return (output_factor and isinstance(layer.block, (fisher.Linear,
+                                                       fisher.NystromLinear))
+            and 1 < layer.d_out <= OUTPUT_MAX_DIM)
+
   def buffer(params):
     return None if momentum is None else jax.tree.map(jnp.zeros_like, params)
 
@@ -617,7 +642,8 @@ def scale_by_sngd(
       zeros = [jnp.zeros([], jnp.int32) for _ in range(4)]
       return ScaleBySNGDState(zeros[0], jnp.zeros([]), "per layer",
                               "per layer", *zeros[1:], buffer(params),
-                              jnp.zeros([], jnp.float32))
+                              jnp.zeros([], jnp.float32), "per layer",
+                              "per layer")
     _warn_unmatched(params, layer_fisher=layer_fisher,
                     weight_sharing=weight_sharing, output_axes=output_axes)
     return _inline_or_compiled(init, compiled_init, params)
@@ -625,7 +651,7 @@ def scale_by_sngd(
   def init(params):
     layers, _, _ = plan(params)
     leaves = jax.tree.leaves(params)
-    stats, preconditioners = {}, {}
+    stats, preconditioners, output_stats, output_factors = {}, {}, {}, {}
     for layer in layers:
       dtype = _state_dtype(leaves[layer.leaves[0][0]].dtype)
       identity = layer.block.init(dtype)
@@ -634,11 +660,16 @@ def scale_by_sngd(
       stats[layer.path] = jax.tree.map(jnp.zeros_like, identity)
       preconditioners[layer.path] = layer.block.refresh(identity, 0.0, 0.0,
                                                         solver)
+      if with_output_factor(layer):
+        output_stats[layer.path] = jnp.zeros((layer.d_out,) * 2, dtype)
+        output_factors[layer.path] = (jnp.eye(layer.d_out, dtype=dtype),
+                                      jnp.eye(layer.d_out, dtype=dtype))
     # Distinct arrays (not one shared zero) so that the state can be donated.
     zeros = [jnp.zeros([], jnp.int32) for _ in range(4)]
     return ScaleBySNGDState(zeros[0], jnp.zeros([]), stats,
                             preconditioners, *zeros[1:], buffer(params),
-                            jnp.zeros([], jnp.float32))
+                            jnp.zeros([], jnp.float32), output_stats,
+                            output_factors)
 
   def update_fn(updates, state, params=None, *, activations=None, **extra):
     del extra
@@ -755,6 +786,60 @@ def scale_by_sngd(
       fresh_preconditioners.update(zip(paths, fresh))
       inverse_faults += faults
     preconditioners = {**state.preconditioners, **fresh_preconditioners}
+    gradients, directions = {}, {}
+    for path, layer in active.items():
+      with jax.named_scope(f"sngd/{path}/apply"):
+        gradients[path] = _gradient_matrix(layer, preconditioners[path], leaves)
+        directions[path] = layer.block.apply(preconditioners[path],
+                                             gradients[path], entries[path])
+    factored = [path for path, layer in active.items()
+                if with_output_factor(layer)]
+    output_stats, output_factors = dict(state.output_stats), dict(
+        state.output_factors)
+    if factored:
+      # The output side of each block: the EMA of sym(v^T g), taken at the
+      # statistics steps. With v = A^-1 g per example, its mean is the
+      # output-side factor of a Kronecker Fisher A (x) S, times a constant
+      # (trace(A^-1 A) / batch) that the normalization drops (docs: Local
+      # Fisher of each layer kind).
+      def output_statistics():
+        out, faults = {}, jnp.zeros([], jnp.int32)
+        for path in factored:
+          old = state.output_stats[path]
+          product = (directions[path].T @ gradients[path]).astype(old.dtype)
+          product = (product + product.T) / 2
+          if axis_name is not None:
+            product = jax.lax.pmean(product, axis_name)
+          ok = jnp.all(jnp.isfinite(product))
+          # Taken where the input statistics were (the EMA weight counts both).
+          out[path] = jnp.where(ok & (stat_faults == 0),
+                                ema_decay * old + (1 - ema_decay) * product, old)
+          faults += (~ok).astype(jnp.int32)
+        return out, faults
+
+      with jax.named_scope("sngd/output_statistics"):
+        fresh_output, output_faults = jax.lax.cond(
+            take_stats, output_statistics,
+            lambda: ({path: state.output_stats[path] for path in factored},
+                     jnp.zeros([], jnp.int32)))
+      output_stats.update(fresh_output)
+      stat_faults += output_faults
+      for path in factored:
+        def refreshed_output(path=path):
+          old = state.output_factors[path]
+          fresh = linalg.output_roots(
+              output_stats[path] / weight.astype(old[0].dtype),
+              weight.astype(old[0].dtype), OUTPUT_POWER, OUTPUT_RANGE)
+          ok = _all_finite(fresh)
+          return (jax.tree.map(lambda f, o: jnp.where(ok, f, o), fresh, old),
+                  (~ok).astype(jnp.int32))
+
+        with jax.named_scope(f"sngd/{path}/output_factor"):
+          output_factors[path], faults = jax.lax.cond(
+              refresh, refreshed_output,
+              lambda path=path: (state.output_factors[path],
+                                 jnp.zeros([], jnp.int32)))
+        inverse_faults += faults
     # Each layer's share of the clip's |.|_G^2, times its uses per example
     # where "auto" chose expand: the per-example Fisher sums over them.
     weights = {path: clip_weight(path, entries[path]) for path in active}
@@ -763,25 +848,30 @@ def scale_by_sngd(
       momentum_leaves = treedef.flatten_up_to(state.momentum)
 
       def remeasured():  # |m|_G^2 in the metric of the new blocks
-        norm = sum((weights[path] * layer.block.metric(
-            preconditioners[path],
-            _gradient_matrix(layer, preconditioners[path], momentum_leaves),
-            entries[path]).astype(jnp.float32)
-                    for path, layer in active.items()),
+        def layer_metric(path, layer):
+          m = _gradient_matrix(layer, preconditioners[path], momentum_leaves)
+          if path in output_factors:  # |m|^2 in A (x) R^p: |m R^{p/2}|^2 in A
+            m = m @ output_factors[path][1]
+          return layer.block.metric(preconditioners[path], m, entries[path])
+
+        norm = sum((weights[path] * layer_metric(path, layer).astype(
+            jnp.float32) for path, layer in active.items()),
                    jnp.zeros([], jnp.float32))
         return jnp.where(jnp.isfinite(norm), norm, state.momentum_norm)
 
       with jax.named_scope("sngd/momentum_norm"):
         momentum_norm = jax.lax.cond(refresh, remeasured,
                                      lambda: state.momentum_norm)
-    directions, vg = {}, jnp.zeros([], jnp.float32)
+    vg = jnp.zeros([], jnp.float32)
     for path, layer in active.items():
-      with jax.named_scope(f"sngd/{path}/apply"):
-        g = _gradient_matrix(layer, preconditioners[path], leaves)
-        directions[path] = layer.block.apply(preconditioners[path], g,
-                                             entries[path])
-        vg += weights[path] * layer.block.quadratic(
-            preconditioners[path], g, directions[path]).astype(jnp.float32)
+      g = gradients[path]
+      if path in output_factors:
+        directions[path] = directions[path] @ output_factors[path][0]
+        quadratic = jnp.vdot(directions[path], g)
+      else:
+        quadratic = layer.block.quadratic(preconditioners[path], g,
+                                          directions[path])
+      vg += weights[path] * quadratic.astype(jnp.float32)
     norm = vg
     if momentum is not None:  # |beta m + v|_G^2, with G v = g
       cross = sum((weights[path] * jnp.vdot(momentum_leaves[index],
@@ -820,7 +910,8 @@ def scale_by_sngd(
         optax.safe_increment(state.count), weight, stats, preconditioners,
         state.stats_faults + stat_faults,
         state.inverse_faults + inverse_faults, state.clipped + clipped,
-        new_buffer, norm if momentum is not None else state.momentum_norm)
+        new_buffer, norm if momentum is not None else state.momentum_norm,
+        output_stats, output_factors)
     return jax.tree.unflatten(treedef, leaves), new_state
 
   compiled_init, compiled_update = jax.jit(init), jax.jit(update)
@@ -992,6 +1083,7 @@ def sngd(
     vmap_axis_name: str | None = None,
     stats_positions: int | str | None = "auto",
     refresh_axis: str | None = None,
+    output_factor: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """SNGD: the preconditioner alone, or the complete optimizer.
 
@@ -1013,7 +1105,8 @@ def sngd(
     weight_decay_mask: ``optax.add_decayed_weights``' mask.
     ema_decay, damping, relative_damping, stats_every, inverse_every,
     layer_fisher, solver, nystrom, kl_clip, weight_sharing, output_axes,
-    axis_name, vmap_axis_name, stats_positions, refresh_axis: see
+    axis_name, vmap_axis_name, stats_positions, refresh_axis,
+    output_factor: see
       :func:`scale_by_sngd`. ``kl_clip`` bounds ``learning_rate^2 |m|_G^2``,
       the KL of the step momentum takes.
 
@@ -1036,7 +1129,8 @@ def sngd(
       momentum=None if no_momentum else momentum, nesterov=nesterov,
       weight_sharing=weight_sharing, output_axes=output_axes,
       axis_name=axis_name, vmap_axis_name=vmap_axis_name,
-      stats_positions=stats_positions, refresh_axis=refresh_axis)]
+      stats_positions=stats_positions, refresh_axis=refresh_axis,
+      output_factor=output_factor)]
   if not (weight_decay is None or _is_number(weight_decay) and weight_decay == 0):
     parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
   if learning_rate is not None:

@@ -11,10 +11,11 @@ import sngd_jax
 
 DAMPING, RELATIVE = 1e-3, 1e-2
 # The bare formula: one batch's statistic (no EMA), inverted at once, exact
-# blocks, no KL clip: what the references below compute.
+# blocks, no KL clip, the input side alone (test_output_factor adds the
+# output side): what the references below compute.
 FORMULA = dict(ema_decay=0.0, damping=DAMPING, relative_damping=RELATIVE,
                stats_every=1, inverse_every=1, nystrom=None, kl_clip=None,
-               stats_positions=None)
+               stats_positions=None, output_factor=False)
 
 # Independent numpy versions of nu_f from the method note.
 NU = {

@@ -174,8 +174,9 @@ def test_vmap_over_models_equals_the_loop_and_keeps_its_conditionals():
     want_params, want_state = single(jax.tree.map(lambda a, i=i: a[i], params))
     assert_tree_close(jax.tree.map(lambda a, i=i: a[i], got_params),
                       want_params, rtol=1e-9, atol=1e-12)
-    assert_tree_close(jax.tree.map(lambda a, i=i: a[i], got_state[0].stats),
-                      want_state[0].stats, rtol=1e-9, atol=1e-12)
+    for field in ("stats", "output_factors"):
+      assert_tree_close(jax.tree.map(lambda a, i=i: a[i], getattr(got_state[0], field)),
+                        getattr(want_state[0], field), rtol=1e-9, atol=1e-12)
   assert int(got_state[0].count[0]) == 7
 
   def update_jaxpr(name):
@@ -188,10 +189,10 @@ def test_vmap_over_models_equals_the_loop_and_keeps_its_conditionals():
     return jax.make_jaxpr(jax.vmap(update, axis_name="models"))(
         stack(grads), jax.vmap(tx.init)(params), params, stack(acts)).jaxpr
 
-  # Statistics, one refresh per layer and its retry, the momentum buffer's
-  # remeasure at a refresh: conditionals, not selects that would run them at
-  # every step.
-  assert _conds(update_jaxpr("models")) == 1 + 2 * 2 + 1
+  # Statistics, one refresh per layer and its retry, the output factors'
+  # statistics and one refresh per layer, the momentum buffer's remeasure at
+  # a refresh: conditionals, not selects that would run them at every step.
+  assert _conds(update_jaxpr("models")) == 1 + 2 * 2 + 1 + 2 + 1
   assert _conds(update_jaxpr(None)) == 0
 
 

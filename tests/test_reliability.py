@@ -65,8 +65,10 @@ def test_failed_inverse_keeps_the_last_good_one_and_is_counted():
   params = {"dense": {"kernel": jnp.ones((4, 2), jnp.float32)}}  # no bias
   grads = {"dense": {"kernel": jnp.ones((4, 2), jnp.float32)}}
   # Arrays bypass the option checks (as inject_hyperparams' do).
+  # The output factor off: the update is then the kept identity's.
   tx = sngd_jax.scale_by_sngd(ema_decay=0.0, damping=jnp.asarray(0.0),
-                              relative_damping=jnp.asarray(0.0), kl_clip=None)
+                              relative_damping=jnp.asarray(0.0), kl_clip=None,
+                              output_factor=False)
   state = tx.init(params)
   updates, new = tx.update(grads, state, params,
                            activations={"dense": {"inputs": jnp.zeros((8, 4))}})

@@ -182,7 +182,9 @@ def test_every_blocks_metric_inverts_its_preconditioner(index):
 
 def test_a_refresh_remeasures_the_momentum_buffer_in_the_new_metric():
   """After a refresh ``|m|_G^2`` is the buffer in the new blocks' metric:
-  ``m^T (P^{-1} (x) I) m`` per layer, with ``P^{-1}`` inverted by NumPy."""
+  ``m^T (P^{-1} (x) F^{-1}) m`` per layer, with ``P^{-1}`` and ``F^{-1}``
+  inverted by NumPy (``F`` the output factor the directions are multiplied by:
+  ``G v = g`` for ``v = P g F``)."""
   params = mlp_params(jax.random.PRNGKey(0), [10, 8, 4])
   tx = sngd_jax.sngd(0.1, momentum=0.9, stats_every=1, inverse_every=3,
                      nystrom=None)
@@ -199,7 +201,9 @@ def test_a_refresh_remeasures_the_momentum_buffer_in_the_new_metric():
   for path, precond in sngd_state.preconditioners.items():
     m = np.concatenate([np.asarray(buffer[path]["kernel"]),
                         np.asarray(buffer[path]["bias"])[None]])
-    expected += np.vdot(m, np.linalg.inv(np.asarray(precond)) @ m)
+    output = np.asarray(sngd_state.output_factors[path][0])
+    expected += np.vdot(m, np.linalg.inv(np.asarray(precond)) @ m
+                        @ np.linalg.inv(output))
   # The clip's measure at step 6: |beta m + v|_G^2 from |m|_G^2 in the new
   # metric; the stale one (the old metric's) would differ.
   v_dot_g = sum(jnp.vdot(d, gl) for d, gl in zip(
