@@ -798,10 +798,10 @@ def scale_by_sngd(
         state.output_factors)
     if factored:
       # The output side of each block: the EMA of sym(v^T g), taken at the
-      # statistics steps. With v = A^-1 g per example, its mean is the
-      # output-side factor of a Kronecker Fisher A (x) S, times a constant
-      # (trace(A^-1 A) / batch) that the normalization drops (docs: Local
-      # Fisher of each layer kind).
+      # statistics steps. With v = A^-1 g, its mean is the output factor S of
+      # a Kronecker Fisher A (x) S times trace(A^-1 A) / batch (plus the mean
+      # gradient's own term); the normalization drops the constant (README:
+      # Output factor).
       def output_statistics():
         out, faults = {}, jnp.zeros([], jnp.int32)
         for path in factored:
