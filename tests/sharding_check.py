@@ -9,6 +9,8 @@ the per-device FLOPs of that refresh against one device's.
 """
 
 import json
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,12 @@ from sngd_jax import transform
 from sngd_jax.bench import flops
 
 assert jax.device_count() == 8, jax.devices()
+START = time.perf_counter()
+
+
+def stage(name):
+  # Progress on stderr: a run that times out shows where it stopped.
+  print(f"{time.perf_counter() - START:7.1f}s {name}", file=sys.stderr, flush=True)
 
 
 def rel(a, b):
@@ -61,16 +69,19 @@ def train(params, x, labels, jitted):
   return params
 
 
+stage("single device")
 single = jax.device_put(train(params, x, labels, jax.jit(step)), jax.devices()[0])
 mesh = Mesh(np.array(jax.devices()), ("data",))
 replicated = NamedSharding(mesh, P())
 batch = NamedSharding(mesh, P("data"))
 
+stage("data parallel")
 data_parallel = train(jax.device_put(params, replicated), jax.device_put(x, batch),
                       jax.device_put(labels, batch), jax.jit(step))
 by_output = jax.tree.map(
     lambda p: jax.device_put(p, NamedSharding(mesh, P(*([None] * (p.ndim - 1)), "data"))),
     params)
+stage("params sharded")
 param_sharded = train(by_output, jax.device_put(x, replicated),
                       jax.device_put(labels, replicated), jax.jit(step))
 
@@ -90,6 +101,7 @@ def pmap_step(params, state, x, labels):
   return optax.apply_updates(params, updates), state
 
 
+stage("pmap")
 stack = lambda tree: jax.tree.map(lambda a: jnp.stack([a] * 8), tree)
 pmapped = jax.pmap(pmap_step, axis_name="data")
 replicas = (stack(params), stack(tx_pmap.init(params)))
@@ -114,6 +126,7 @@ def shard_map_step(params, state, x, labels):
   return optax.apply_updates(params, updates), state
 
 
+stage("shard_map")
 shard_mapped = jax.jit(jax.shard_map(
     shard_map_step, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
     out_specs=(P(), P())))
@@ -147,6 +160,7 @@ def embedded_step(params, state, ids, labels):
   return optax.apply_updates(params, updates), state, loss
 
 
+stage("explicit mesh")
 explicit_single = train(table, ids, labels, jax.jit(embedded_step))
 with jax.set_mesh(explicit_mesh):
   explicit = train(
@@ -159,7 +173,15 @@ with jax.set_mesh(explicit_mesh):
 # The refresh divided among the devices: a Nystrom block, per-unit blocks and
 # two exact blocks of one size (a group: 4 devices each on 8, whole blocks on
 # 2), against one device.
-split_params = mlp_params(jax.random.PRNGKey(4), [40, 24, 24, 24, 8], jnp.float32)
+# Every batched factorization here, the two models under vmap included, stays
+# under jaxlib's 2e5-FLOP threshold for splitting a batch across its intra-op
+# threads (jaxlib 0.10 ParallelBatchMap): those are the threads that run the 8
+# simulated devices, so when all 8 wait on their split batches at once no
+# thread is left to do the work. CI deadlocked so with 24 per-unit blocks of
+# 25 rows (their inverses' triangular solves: 7.5e5 FLOPs under vmap); 24
+# blocks of 13 rows cost 1.1e5.
+WIDTHS = [40, 12, 24, 24, 8]
+split_params = mlp_params(jax.random.PRNGKey(4), WIDTHS, jnp.float32)
 split_x, split_labels = blobs(jax.random.PRNGKey(5), n=64, d=40, classes=8,
                               dtype=jnp.float32)
 split_options = dict(inverse_every=2, kl_clip=None, layer_fisher={"layer1": "relu"},
@@ -191,6 +213,7 @@ def run_steps(step, params, state, x, labels):
   return params, state
 
 
+stage("divided refresh: one device")
 split_single, _ = split_train(sngd_jax.sngd(0.1, momentum=0.9, **split_options),
                               split_params, split_x, split_labels, run_steps)
 split_tx = sngd_jax.sngd(0.1, momentum=0.9, refresh_axis="data", **split_options)
@@ -229,6 +252,7 @@ def run_shard_map(step, params, state, x, labels):
   return params, state
 
 
+stage("divided refresh: pmap, shard_map")
 split_results["split_pmap"], _ = split_train(
     split_tx_mapped, split_params, split_x, split_labels, run_pmap, mean_grads=True)
 split_results["split_shard_map"], _ = split_train(
@@ -237,7 +261,7 @@ split_results["split_shard_map"], _ = split_train(
 
 # Two models under vmap (vmap_axis_name) with the refresh divided among the
 # mesh's 8 devices: each model as if trained alone on one device.
-second_params = mlp_params(jax.random.PRNGKey(9), [40, 24, 24, 24, 8], jnp.float32)
+second_params = mlp_params(jax.random.PRNGKey(9), WIDTHS, jnp.float32)
 second_single, _ = split_train(sngd_jax.sngd(0.1, momentum=0.9, **split_options),
                                second_params, split_x, split_labels, run_steps)
 vmap_tx = sngd_jax.sngd(0.1, momentum=0.9, refresh_axis="data",
@@ -249,6 +273,7 @@ def run_vmapped(step, params, state, x, labels):
                    params, state, x, labels)
 
 
+stage("divided refresh: vmap")
 with jax.set_mesh(mesh):
   pair = jax.tree.map(lambda a, b: jnp.stack([a, b]), split_params, second_params)
   both, _ = split_train(vmap_tx, pair, split_x, split_labels, run_vmapped,
@@ -260,6 +285,7 @@ split_vmap = max(rel(jax.tree.map(lambda a: a[0], both), split_single),
 # embedding used by attend, two norms of one width (a group), a softmax
 # layer, per-unit blocks, three exact blocks of one size (2 devices each, 2
 # idle) and a Nystrom block.
+stage("every block kind")
 kinds_layers, entries = every_block_kind(units="tanh", norms=2, exact=3)
 kinds_stats = {layer.path: layer.block.statistic(entries[layer.path], jnp.float32)
                for layer in kinds_layers}
@@ -273,6 +299,7 @@ kinds_gap = {path: rel(kinds_divided[path], kinds_whole[path])
 # Per-device FLOPs of the divided refresh on 8 devices, against one device's:
 # the autoencoder's layers with the defaults (exact 501/251/31 blocks, rank-32
 # Nystrom blocks for 785 and 1001 rows).
+stage("refresh FLOPs")
 sizes = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
 ae = {f"l{i}": {"kernel": jnp.zeros((a, b)), "bias": jnp.zeros(b)}
       for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
@@ -285,6 +312,7 @@ with jax.set_mesh(mesh):
 refresh_flops_ratio = flops.program_flops(eight) / flops.program_flops(one)
 
 
+stage("done")
 kernel = param_sharded["layer0"]["kernel"]
 print(json.dumps({
     "data_parallel": rel(data_parallel, single),

@@ -12,8 +12,12 @@ def test_sharded_training_matches_single_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              PYTHONPATH=f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
              JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, str(here / "sharding_check.py")],
-                          capture_output=True, text=True, env=env, timeout=600)
+  try:
+    result = subprocess.run([sys.executable, str(here / "sharding_check.py")],
+                            capture_output=True, text=True, env=env, timeout=600)
+  except subprocess.TimeoutExpired as timeout:
+    # The check prints each stage it starts: say where it stopped.
+    raise AssertionError((timeout.stderr or b"")[-3000:].decode()) from timeout
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report["data_parallel"] < 1e-5, report
