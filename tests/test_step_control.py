@@ -11,7 +11,7 @@ from flax import linen as nn
 from helpers import blobs, every_block_kind, loss_and_acts, mlp_params, trainer
 
 import sngd_jax
-from sngd_jax import linalg
+from sngd_jax import fisher, linalg
 
 LEARNING_RATES = (0.01, 0.03, 0.1, 0.3, 1.0)
 
@@ -158,18 +158,29 @@ def test_the_momentum_clip_bounds_the_buffers_length_in_the_fisher_metric(nester
 
 @functools.cache
 def block_kinds():
-  """One layer of every block kind, its float64 statistic and its entry."""
+  """One layer of every block kind, its float64 statistic and its entry, by path."""
   layers, entries = every_block_kind(unseen_rows=True)
-  return [(layer, layer.block.statistic(entries[layer.path], jnp.float64),
-           entries[layer.path]) for layer in layers]
+  return {layer.path: (layer, layer.block.statistic(entries[layer.path], jnp.float64),
+                       entries[layer.path]) for layer in layers}
 
 
-@pytest.mark.parametrize("index", range(7))
-def test_every_blocks_metric_inverts_its_preconditioner(index):
+def test_the_block_kinds_cover_every_block_class():
+  def concrete(cls):
+    for sub in cls.__subclasses__():
+      yield from ([] if sub.__name__.startswith("_") else [sub])
+      yield from concrete(sub)
+
+  assert ({type(layer.block) for layer, _, _ in block_kinds().values()}
+          == set(concrete(fisher._Block)))
+
+
+@pytest.mark.parametrize("path", list(block_kinds()))
+def test_every_blocks_metric_inverts_its_preconditioner(path):
   """``metric(P, m) = m^T P^{-1} m``: for ``v = P g``, ``v^T P^{-1} v = g^T P g``."""
-  layer, stats, entry = block_kinds()[index]
+  layer, stats, entry = block_kinds()[path]
   rows = sum(rows for _, _, rows in layer.leaves)  # the bias row included
-  g = jax.random.normal(jax.random.PRNGKey(index), (rows, layer.d_out))
+  g = jax.random.normal(jax.random.PRNGKey(list(block_kinds()).index(path)),
+                        (rows, layer.d_out))
 
   @jax.jit  # one program: eager, each op of each kind would compile alone
   def metric_and_quadratic(stats, g, entry):
