@@ -115,15 +115,17 @@ def inverse(a, solver: str, rhs=None):
   raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
 
 
-def output_factor(mean, weight, power, eigenvalue_range):
-  """The output side's factor ``R^{-power}`` from its EMA.
+def output_roots(mean, weight, power, eigenvalue_range):
+  """The output side's factor from its EMA: ``(R^{-power}, R^{power/2})``.
 
   ``mean`` is the bias-corrected mean of ``sym(v^T g)`` (``(d_out, d_out)``);
   ``R`` is it divided by its mean eigenvalue (so the layer's step keeps the
   input side's scale), shrunk toward ``I`` with weight ``1 - weight`` while
   few statistics are in it, with eigenvalues clipped to
-  ``eigenvalue_range``. Directions are multiplied by it. Non-finite where the
-  eigendecomposition failed.
+  ``eigenvalue_range``. Directions are multiplied by the first matrix; a
+  buffer measured in the metric is multiplied by the second, since
+  ``|m|^2`` in ``A (x) R^power`` is ``|m R^{power/2}|^2`` in ``A``. Non-finite
+  where the eigendecomposition failed.
   """
   dim = mean.shape[-1]
   eye = jnp.eye(dim, dtype=mean.dtype)
@@ -133,17 +135,8 @@ def output_factor(mean, weight, power, eigenvalue_range):
   shrunk = weight * relative + (1 - weight) * eye
   eigvals, eigvecs = jnp.linalg.eigh(shrunk)
   eigvals = jnp.clip(eigvals, *eigenvalue_range)
-  return (eigvecs * eigvals ** -power) @ eigvecs.T
-
-
-def metric_root(factor):
-  """``L`` with ``L L^T = factor^{-1}``: ``|m|^2`` in ``A (x) factor^{-1}`` is
-  ``|m L|^2`` in ``A`` (``trace(m^T A m L L^T)``).
-
-  The factor's eigenvalues are clipped (``output_factor``), so both
-  factorizations are well conditioned.
-  """
-  return jnp.linalg.cholesky(cholesky_inverse(factor))
+  return ((eigvecs * eigvals ** -power) @ eigvecs.T,
+          (eigvecs * eigvals ** (power / 2)) @ eigvecs.T)
 
 
 def nystrom_factors(columns, column_index, shift, diagonal=None,

@@ -67,7 +67,10 @@ class ScaleBySNGDState(NamedTuple):
   momentum: Any  # params-shaped heavy-ball buffer ``m``; None without ``momentum``.
   momentum_norm: jax.Array  # float32 (): ``|m|_G^2``, the buffer's squared length in the blocks' metric.
   output_stats: dict[str, Any]  # (d_out, d_out) zero-started EMA of sym(v^T g) per layer with an output factor.
-  output_factors: dict[str, Any]  # R^-p (d_out, d_out), refreshed with the inverses.
+  # (R^-p, R^{p/2}), each (d_out, d_out), refreshed with the inverses. R^{p/2}
+  # is kept, not derived in the momentum remeasure: a factorization there
+  # deadlocked jaxlib 0.10's threaded batched LAPACK on CPU under vmap.
+  output_factors: dict[str, Any]
 
 
 # ----------------------------------------------------------------------------
@@ -662,7 +665,8 @@ def scale_by_sngd(
                                                         solver)
       if with_output_factor(layer):
         output_stats[layer.path] = jnp.zeros((layer.d_out,) * 2, dtype)
-        output_factors[layer.path] = jnp.eye(layer.d_out, dtype=dtype)
+        output_factors[layer.path] = (jnp.eye(layer.d_out, dtype=dtype),
+                                      jnp.eye(layer.d_out, dtype=dtype))
     # Distinct arrays (not one shared zero) so that the state can be donated.
     zeros = [jnp.zeros([], jnp.int32) for _ in range(4)]
     return ScaleBySNGDState(zeros[0], jnp.zeros([]), stats,
@@ -826,11 +830,12 @@ def scale_by_sngd(
       for path in factored:
         def refreshed_output(path=path):
           old = state.output_factors[path]
-          fresh = linalg.output_factor(
-              output_stats[path] / weight.astype(old.dtype),
-              weight.astype(old.dtype), OUTPUT_POWER, OUTPUT_RANGE)
+          fresh = linalg.output_roots(
+              output_stats[path] / weight.astype(old[0].dtype),
+              weight.astype(old[0].dtype), OUTPUT_POWER, OUTPUT_RANGE)
           ok = _all_finite(fresh)
-          return jnp.where(ok, fresh, old), (~ok).astype(jnp.int32)
+          return (jax.tree.map(lambda f, o: jnp.where(ok, f, o), fresh, old),
+                  (~ok).astype(jnp.int32))
 
         with jax.named_scope(f"sngd/{path}/output_factor"):
           output_factors[path], faults = jax.lax.cond(
@@ -848,8 +853,8 @@ def scale_by_sngd(
       def remeasured():  # |m|_G^2 in the metric of the new blocks
         def layer_metric(path, layer):
           m = _gradient_matrix(layer, preconditioners[path], momentum_leaves)
-          if path in output_factors:  # |m|^2 in A (x) R^p: |m L|^2 in A
-            m = m @ linalg.metric_root(output_factors[path])
+          if path in output_factors:  # |m|^2 in A (x) R^p: |m R^{p/2}|^2 in A
+            m = m @ output_factors[path][1]
           return layer.block.metric(preconditioners[path], m, entries[path])
 
         norm = sum((weights[path] * layer_metric(path, layer).astype(
@@ -864,7 +869,7 @@ def scale_by_sngd(
     for path, layer in active.items():
       g = gradients[path]
       if path in output_factors:
-        directions[path] = directions[path] @ output_factors[path]
+        directions[path] = directions[path] @ output_factors[path][0]
         quadratic = jnp.vdot(directions[path], g)
       else:
         quadratic = layer.block.quadratic(preconditioners[path], g,

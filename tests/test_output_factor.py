@@ -18,7 +18,7 @@ def clipped_power(r, power, low=1 / 16, high=16.0):
 
 def test_direction_is_input_inverse_times_gradient_times_output_root():
   """One batch (no EMA): ``v = A^-1 g R^-1/2`` with ``R = sym(u^T g)``, ``u = A^-1 g``,
-  divided by its mean eigenvalue, is the factor the state keeps."""
+  divided by its mean eigenvalue; the buffer's metric is ``A (x) R^1/2``."""
   params = {"dense": {"kernel": jax.random.normal(jax.random.PRNGKey(0), (4, 5)),
                       "bias": jnp.zeros(5)}}
   x = jax.random.normal(jax.random.PRNGKey(1), (9, 4), jnp.float64)
@@ -36,8 +36,8 @@ def test_direction_is_input_inverse_times_gradient_times_output_root():
   r /= np.trace(r) / len(r)
   np.testing.assert_allclose(stacked(updates["dense"]), u @ clipped_power(r, -0.5),
                              rtol=1e-9, atol=1e-12)
-  np.testing.assert_allclose(state.output_factors["dense"],
-                             clipped_power(r, -0.5), rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(state.output_factors["dense"][1],
+                             clipped_power(r, 0.25), rtol=1e-9, atol=1e-12)
   # A layer of the input side alone is the same direction without the root.
   plain = sngd_jax.scale_by_sngd(**FORMULA)
   updates, _ = plain.update(grads, plain.init(params), params, activations=acts)
@@ -78,7 +78,7 @@ def test_factor_recovers_the_output_side_of_a_gaussian_likelihood():
   for key in jax.random.split(jax.random.PRNGKey(2), steps):
     state = step(state, key)
   expected = clipped_power(precision / np.trace(precision) * d_out, -0.5)
-  got = np.asarray(state.output_factors["dense"])
+  got = np.asarray(state.output_factors["dense"][0])
   error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
   assert error < 0.1, (error, got, expected)
 
@@ -103,5 +103,5 @@ def test_factor_ema_is_bias_corrected_and_shrunk_toward_the_identity():
     mean = raw / weight
     shrunk = weight * mean / (np.trace(mean) / 4) + (1 - weight) * np.eye(4)
     np.testing.assert_allclose(state.output_stats["dense"], raw, rtol=1e-9)
-    np.testing.assert_allclose(state.output_factors["dense"],
+    np.testing.assert_allclose(state.output_factors["dense"][0],
                                clipped_power(shrunk, -0.5), rtol=1e-9, atol=1e-12)

@@ -212,7 +212,7 @@ def test_a_refresh_remeasures_the_momentum_buffer_in_the_new_metric():
   for path, precond in sngd_state.preconditioners.items():
     m = np.concatenate([np.asarray(buffer[path]["kernel"]),
                         np.asarray(buffer[path]["bias"])[None]])
-    output = np.asarray(sngd_state.output_factors[path])
+    output = np.asarray(sngd_state.output_factors[path][0])
     expected += np.vdot(m, np.linalg.inv(np.asarray(precond)) @ m
                         @ np.linalg.inv(output))
   # The clip's measure at step 6: |beta m + v|_G^2 from |m|_G^2 in the new
