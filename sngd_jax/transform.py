@@ -813,7 +813,7 @@ def scale_by_sngd(
           product = (product + product.T) / 2
           if axis_name is not None:
             product = jax.lax.pmean(product, axis_name)
-          ok = jnp.all(jnp.isfinite(product))
+          ok = _all_finite(product)
           # Taken where the input statistics were (the EMA weight counts both).
           out[path] = jnp.where(ok & (stat_faults == 0),
                                 ema_decay * old + (1 - ema_decay) * product, old)
@@ -834,8 +834,7 @@ def scale_by_sngd(
               output_stats[path] / weight.astype(old[0].dtype),
               weight.astype(old[0].dtype), OUTPUT_POWER, OUTPUT_RANGE)
           ok = _all_finite(fresh)
-          return (jax.tree.map(lambda f, o: jnp.where(ok, f, o), fresh, old),
-                  (~ok).astype(jnp.int32))
+          return _where_blocks(ok, fresh, old), (~ok).astype(jnp.int32)
 
         with jax.named_scope(f"sngd/{path}/output_factor"):
           output_factors[path], faults = jax.lax.cond(
@@ -943,7 +942,7 @@ def _statistic_ema(layer, sampled, entry, old, ema_decay, reduce,
     ok = _all_finite(stat)
     ema = jax.tree.map(lambda o, s: ema_decay * o + (1 - ema_decay) * s,
                        old, stat)
-    return jax.tree.map(lambda e, o: jnp.where(ok, e, o), ema, old), ~ok
+    return _where_blocks(ok, ema, old), ~ok
 
 
 def _refresh_groups(active, stats, refresh_axis) -> list[list[str]]:
@@ -978,7 +977,8 @@ def _finite_blocks(tree) -> jax.Array:
 
 
 def _where_blocks(keep, new, old):
-  """Block ``i`` of ``new`` where ``keep[i]``, else of ``old`` (leading axis)."""
+  """Block ``i`` of ``new`` where ``keep[i]``, else of ``old`` (leading axis);
+  a scalar ``keep`` chooses the whole of ``new`` or of ``old``."""
   return jax.tree.map(lambda n, o: jnp.where(
       jnp.reshape(keep, keep.shape + (1,) * (n.ndim - 1)), n, o), new, old)
 
