@@ -170,15 +170,32 @@ class _ConvGeometry:
   def patches_at(self, x, ids):
     """The patches of ``x (N, spatial..., C)`` at the output positions ``ids``
     (indices into the flattened output grid): ``(N, len(ids), rows)``, from
-    ``len(ids)`` gathers per tap instead of every position's (one group)."""
-    out = self.shape(x.shape)[1:len(self.kernel_size) + 1]
-    x = self._padded(x)
+    one gather of ``len(ids) * taps`` channel vectors (one group).
+
+    Zero padding (without input dilation) is a mask on the gather, not a
+    padded copy of the input: padding a ResNet's 28x28 inputs cost more than
+    the statistic.
+    """
+    spatial = len(self.kernel_size)
+    out = self.shape(x.shape)[1:spatial + 1]
+    masked = self.mode == "constant" and set(self.input_dilation) == {1}
+    lows = [low for low, _ in self.pads] if masked else [0] * spatial
+    if not masked:
+      x = self._padded(x)
+    sizes = x.shape[1:-1]
     coords = jnp.unravel_index(ids, out)
-    taps = [x[(slice(None),) + tuple(
-        c * s + o * d for c, s, o, d in zip(coords, self.strides, offset,
-                                            self.dilation))]
-            for offset in np.ndindex(*self.kernel_size)]
-    return jnp.stack(taps, axis=-2).reshape(x.shape[0], len(ids), -1)
+    offsets = np.array(list(np.ndindex(*self.kernel_size)))  # (taps, spatial)
+    # Per axis (len(ids), taps): the input coordinate each tap reads.
+    reads = [c[:, None] * s + offsets[None, :, axis] * d - low for axis, (
+        c, s, d, low) in enumerate(zip(coords, self.strides, self.dilation,
+                                        lows))]
+    inside = functools.reduce(jnp.logical_and, [
+        (r >= 0) & (r < size) for r, size in zip(reads, sizes)])
+    flat = jnp.ravel_multi_index(tuple(reads), sizes, mode="clip")
+    taps = jnp.take(jnp.reshape(x, (x.shape[0], -1, x.shape[-1])),
+                    jnp.reshape(flat, (-1,)), axis=1)
+    taps = jnp.where(jnp.reshape(inside, (1, -1, 1)), taps, 0)
+    return jnp.reshape(taps, (x.shape[0], len(ids), -1))
 
   def _padded(self, x):
     if self.mode == "constant":  # zeros between the dilated input's entries too

@@ -66,7 +66,7 @@ class ScaleBySNGDState(NamedTuple):
   clipped: jax.Array  # int32 (): steps whose direction ``kl_clip`` shortened.
   momentum: Any  # params-shaped heavy-ball buffer ``m``; None without ``momentum``.
   momentum_norm: jax.Array  # float32 (): ``|m|_G^2``, the buffer's squared length in the blocks' metric.
-  output_stats: dict[str, Any]  # (d_out, d_out) zero-started EMA of sym(v^T g) per layer with an output factor.
+  output_stats: dict[str, Any]  # (d_out, d_out) zero-started EMA of v^T g (symmetrized when refreshed) per layer with an output factor.
   # (R^-p, R^{p/2}), each (d_out, d_out), refreshed with the inverses. R^{p/2}
   # is kept, not derived in the momentum remeasure: a factorization there
   # deadlocked jaxlib 0.10's threaded batched LAPACK on CPU under vmap.
@@ -800,7 +800,7 @@ def scale_by_sngd(
     output_stats, output_factors = dict(state.output_stats), dict(
         state.output_factors)
     if factored:
-      # The output side of each block: the EMA of sym(v^T g), taken at the
+      # The output side of each block: the EMA of v^T g, taken at the
       # statistics steps. With v = A^-1 g, its mean is the output factor S of
       # a Kronecker Fisher A (x) S times trace(A^-1 A) / batch (plus the mean
       # gradient's own term); the normalization drops the constant (README:
@@ -809,8 +809,9 @@ def scale_by_sngd(
         out, faults = {}, jnp.zeros([], jnp.int32)
         for path in factored:
           old = state.output_stats[path]
+          # Symmetrized at the refresh: here a transpose of a 512-output
+          # layer's product cost more than the product.
           product = (directions[path].T @ gradients[path]).astype(old.dtype)
-          product = (product + product.T) / 2
           if axis_name is not None:
             product = jax.lax.pmean(product, axis_name)
           ok = _all_finite(product)
@@ -830,8 +831,9 @@ def scale_by_sngd(
       for path in factored:
         def refreshed_output(path=path):
           old = state.output_factors[path]
+          mean = output_stats[path] / weight.astype(old[0].dtype)
           fresh = linalg.output_roots(
-              output_stats[path] / weight.astype(old[0].dtype),
+              (mean + mean.T) / 2,
               weight.astype(old[0].dtype), OUTPUT_POWER, OUTPUT_RANGE)
           ok = _all_finite(fresh)
           return _where_blocks(ok, fresh, old), (~ok).astype(jnp.int32)

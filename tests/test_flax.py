@@ -190,6 +190,29 @@ def test_nnx_layers_get_their_local_fisher():
                       grads["head"]["bias"]), rtol=1e-9, atol=1e-12)
 
 
+def test_layer_norm_gets_a_block_per_channel_over_xhat_and_one():
+  # Unlike batch norm's, a layer norm's xhat has a nonzero mean per channel
+  # over the batch, so each block's off-diagonal E[xhat_c] counts.
+  norm = nnx.LayerNorm(3, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+  x = (jax.random.normal(jax.random.PRNGKey(1), (6, 3), jnp.float64)
+       * jnp.array([1.0, 2.0, 3.0]) + jnp.array([0.0, 2.0, -1.0]))
+  acts, params, grads = captured_gradients(norm, x)
+  updates = one_update(params, grads, acts)
+  x = np.asarray(x)
+  centred = x - x.mean(-1, keepdims=True)
+  xhat = centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + norm.epsilon)
+  blocks = [np.cov(np.stack([xhat[:, c], np.ones(6)]), bias=True)
+            + np.outer([xhat[:, c].mean(), 1], [xhat[:, c].mean(), 1])
+            for c in range(3)]
+  assert min(abs(b[0, 1]) for b in blocks) > 0.1  # the means matter here
+  trace = sum(np.trace(b) for b in blocks)
+  for c, block in enumerate(blocks):
+    g = np.array([grads["scale"][c], grads["bias"][c]])
+    np.testing.assert_allclose(
+        [updates["scale"][c], updates["bias"][c]],
+        np.linalg.solve(damp(block, trace, 6), g), rtol=1e-7)
+
+
 def test_einsum_dense_maps_get_the_linear_block():
   rngs = nnx.Rngs(0)
   dense = nnx.Einsum("btd,df->btf", (3, 4), (4,), rngs=rngs,
