@@ -3,10 +3,13 @@
 Every function here takes a symmetric positive semi-definite block ``g`` (or a
 batch of them, through ``jax.vmap``) and returns the matrix that the
 preconditioner multiplies gradients by. Work is done in float32 or wider,
-whatever the dtype of the parameters.
+whatever the dtype of the parameters, and every matrix product here is exact
+to float32 (:func:`full_precision`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +17,25 @@ import jax.numpy as jnp
 from sngd_jax import split
 
 SOLVERS = ("cholesky", "eigh", "denman_beavers")
+
+
+def full_precision(function):
+  """``function`` with its float32 matrix products exact to float32.
+
+  JAX's default multiplies float32 matrices in TensorFloat-32 on recent NVIDIA
+  GPUs and in one bfloat16 pass on TPUs: about three significant digits. An
+  inverse or a root amplifies that rounding by the block's condition number
+  (up to ~1/relative_damping), and a statistic rounded so can lose the small
+  eigenvalues that its inverse is most sensitive to. The blocks are small
+  and refreshed rarely, so the exact products cost little.
+  """
+
+  @functools.wraps(function)
+  def exact(*args, **kwargs):
+    with jax.default_matmul_precision("float32"):
+      return function(*args, **kwargs)
+
+  return exact
 
 
 def damping_for(trace, dim, damping, relative_damping):
@@ -44,6 +66,7 @@ def _rejected_unless(ok, x):
   return jnp.where(ok, x, jnp.nan)
 
 
+@full_precision
 def eigh_inverse(a, rhs=None):
   """``A^{-1} rhs`` (the inverse, without ``rhs``) through ``eigh``.
 
@@ -56,6 +79,7 @@ def eigh_inverse(a, rhs=None):
   return _rejected_unless(jnp.min(eigvals) > 0, (eigvecs / eigvals) @ right)
 
 
+@full_precision
 def denman_beavers(a, iterations: int = 24):
   """Square root and inverse square root by the Denman-Beavers iteration.
 
@@ -87,6 +111,7 @@ def denman_beavers(a, iterations: int = 24):
   return y * root, z / root
 
 
+@full_precision
 def denman_beavers_inverse(a, rhs=None, tolerance: float = 1e-3):
   """``A^{-1/2} A^{-1/2} rhs`` (the inverse, without ``rhs``): the
   reconstruction's map.
@@ -115,6 +140,7 @@ def inverse(a, solver: str, rhs=None):
   raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
 
 
+@full_precision
 def output_roots(mean, weight, power, eigenvalue_range):
   """The output side's factor from its EMA: ``(R^{-power}, R^{power/2})``.
 
@@ -139,6 +165,7 @@ def output_roots(mean, weight, power, eigenvalue_range):
           (eigvecs * eigvals ** (power / 2)) @ eigvecs.T)
 
 
+@full_precision
 def nystrom_factors(columns, column_index, shift, diagonal=None,
                     axis_name=None):
   """Woodbury factors of ``(shift * I + C W^+ C^T)^{-1}``.
@@ -190,6 +217,7 @@ def nystrom_factors(columns, column_index, shift, diagonal=None,
   return basis, cholesky_inverse(shift * eye + gram), shift
 
 
+@full_precision
 def nystrom_apply(basis, core, shift, v):
   """Applies the Woodbury form of :func:`nystrom_factors` to ``v`` ``(n, k)``."""
   # 1/shift on the small factor, not on the result: XLA then fuses the
@@ -199,6 +227,7 @@ def nystrom_apply(basis, core, shift, v):
   return v * inv - basis @ ((core * inv) @ (basis.T @ v))
 
 
+@full_precision
 def nystrom_quadratic(basis, core, shift, v):
   """``<v, P v>`` for the Woodbury form ``P`` of :func:`nystrom_factors`.
 

@@ -679,6 +679,11 @@ def scale_by_sngd(
     return _inline_or_compiled(update, compiled_update, updates, state, params,
                                activations)
 
+  # The statistics, the inverses and the step all multiply in float32 (the
+  # default on GPUs and TPUs keeps ~3 digits): a preconditioner's largest
+  # entries are its smallest eigenvalues' directions, so a step rounded there
+  # is wrong by up to the block's condition number times the rounding.
+  @linalg.full_precision
   def update(updates, state, params, activations):
     if params is None:
       raise ValueError("scale_by_sngd needs params: call "

@@ -80,7 +80,7 @@ def every_block_kind(units="relu", norms=1, exact=1, unseen_rows=False):
   An embedding used by lookups and ``attend``, ``norms`` norms of one width,
   a softmax head, per-unit blocks (``units``), ``exact`` exact blocks of one
   size and a Nystrom block; with ``unseen_rows``, an embedding whose few
-  lookups leave most rows unseen. Returns ``(layers, entries)``.
+  lookups leave most rows unseen. Returns ``(layers, entries, params)``.
   """
   def dense(d_in, d_out):
     return {"kernel": jnp.zeros((d_in, d_out)), "bias": jnp.zeros(d_out)}
@@ -105,4 +105,4 @@ def every_block_kind(units="relu", norms=1, exact=1, unseen_rows=False):
       width = layer.d_out if layer.kind == "affine" else layer.d_in
       entries[layer.path] = {"inputs": jax.random.normal(k, (32, width)),
                              "outputs": jax.random.normal(k, (32, layer.d_out))}
-  return layers, {layer.path: entries[layer.path] for layer in layers}
+  return layers, {layer.path: entries[layer.path] for layer in layers}, params

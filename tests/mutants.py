@@ -174,6 +174,14 @@ MUTATIONS = [
              'return "expand" if fisher.SCANNED in entry else "reduce"',
              'return "reduce"',
              ("tests/test_weight_sharing.py",)),
+    Mutation("update: products at the platform's default precision",
+             "sngd_jax/transform.py", "  @linalg.full_precision\n", "",
+             ("tests/test_linalg.py",)),
+    Mutation("linalg: products at the platform's default precision",
+             "sngd_jax/linalg.py",
+             'with jax.default_matmul_precision("float32"):\n      return',
+             'with jax.default_matmul_precision(None):\n      return',
+             ("tests/test_linalg.py",)),
 ] + [
     Mutation(f"capture: no entry for {kind} layers", "sngd_jax/capture.py",
              # Only the return: what follows it in ``old`` stays as it was.

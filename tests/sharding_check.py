@@ -286,7 +286,7 @@ split_vmap = max(rel(jax.tree.map(lambda a: a[0], both), split_single),
 # layer, per-unit blocks, three exact blocks of one size (2 devices each, 2
 # idle) and a Nystrom block.
 stage("every block kind")
-kinds_layers, entries = every_block_kind(units="tanh", norms=2, exact=3)
+kinds_layers, entries, _ = every_block_kind(units="tanh", norms=2, exact=3)
 kinds_stats = {layer.path: layer.block.statistic(entries[layer.path], jnp.float32)
                for layer in kinds_layers}
 kinds_whole = jax.jit(lambda s: flops.refresh({}, kinds_layers, s))(kinds_stats)

@@ -1,9 +1,13 @@
 """Denman-Beavers against eigh; Nystrom against the exact damped inverse."""
 
+import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import every_block_kind
 
+import sngd_jax
 from sngd_jax import linalg
 
 
@@ -139,3 +143,44 @@ def test_nystrom_quadratic_is_v_dot_pv_of_the_explicit_approximation(
   got = linalg.nystrom_quadratic(basis, core, shift, jnp.asarray(v, dtype))
   assert got.dtype == dtype
   np.testing.assert_allclose(float(got), expected, rtol=rtol)
+
+
+def product_precisions(jaxpr):
+  """The ``precision`` of every matrix product and convolution in ``jaxpr``."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+      yield eqn.params["precision"]
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from product_precisions(getattr(sub, "jaxpr", sub))
+
+
+def test_every_product_is_exact_to_float32_under_a_low_precision_default():
+  """Under TensorFloat-32 (GPUs) or one bfloat16 pass (TPUs), JAX's default
+  float32 products keep ~3 digits, which an inverse amplifies by the block's
+  condition number: every product of an update (statistics, refreshes of
+  every block kind, the step, the KL clip, momentum) and of the linear
+  algebra asks for float32. CPUs ignore the setting, so the program is read."""
+  layers, entries, params = every_block_kind(unseen_rows=True)
+  tx = sngd_jax.sngd(0.1, momentum=0.9,
+                     layer_fisher={"head": "softmax", "units": "relu"},
+                     nystrom=sngd_jax.Nystrom(rank=8, min_dim=32))
+  grads = jax.tree.map(jnp.ones_like, params)
+  a = jnp.asarray(spd(8, 1e3), jnp.float32)
+  columns = a[:, :3]
+  programs = {
+      "update": (lambda g, s, p, acts: tx.update(g, s, p, activations=acts),
+                 grads, tx.init(params), params, entries),
+      **{name: (getattr(linalg, name), a) for name in
+         ("eigh_inverse", "denman_beavers", "denman_beavers_inverse")},
+      "output_roots": (lambda m: linalg.output_roots(m, 0.5, 0.5, (1e-3, 1e3)), a),
+      "nystrom": (lambda c: linalg.nystrom_quadratic(
+          *linalg.nystrom_factors(c, jnp.arange(3), 1e-2), c), columns),
+      "nystrom_apply": (lambda c: linalg.nystrom_apply(
+          *linalg.nystrom_factors(c, jnp.arange(3), 1e-2), c), columns),
+  }
+  highest = (jax.lax.Precision.HIGHEST,) * 2
+  for name, (program, *args) in programs.items():
+    with jax.default_matmul_precision("bfloat16"):
+      precisions = list(product_precisions(jax.make_jaxpr(program)(*args).jaxpr))
+    assert precisions, name
+    assert all(p == highest for p in precisions), (name, set(precisions))

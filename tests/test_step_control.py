@@ -159,7 +159,7 @@ def test_the_momentum_clip_bounds_the_buffers_length_in_the_fisher_metric(nester
 @functools.cache
 def block_kinds():
   """One layer of every block kind, its float64 statistic and its entry, by path."""
-  layers, entries = every_block_kind(unseen_rows=True)
+  layers, entries, _ = every_block_kind(unseen_rows=True)
   return {layer.path: (layer, layer.block.statistic(entries[layer.path], jnp.float64),
                        entries[layer.path]) for layer in layers}
 
