@@ -73,3 +73,39 @@ def test_a_batchnorm_model_trains_with_its_statistics_in_the_carry():
   assert int(sngd_state.count) == 4 and float(sngd_state.stats_weight) > 0
   assert int(sngd_state.stats_faults) == 0
   assert np.isfinite(evaluate(new, dataset.x_val, dataset.y_val)[0])
+
+
+def test_interleaved_runs_take_turns_and_equal_runs_one_after_another():
+  import numpy as np
+
+  from sngd_jax.bench import data, models
+
+  order = []
+
+  def chunks(name, count):
+    for _ in range(count):
+      order.append(name)
+      yield
+    return name
+
+  assert bench.interleaved([chunks("a", 2), chunks("b", 3)]) == ["a", "b"]
+  assert order == ["a", "b", "a", "b", "b"]
+
+  rng = np.random.default_rng(0)
+  inputs = lambda n: rng.standard_normal((n, 12), dtype=np.float32)
+  labels = lambda n: rng.integers(0, 3, n).astype(np.int32)
+  dataset = data.Dataset(inputs(64), labels(64), inputs(16), labels(16),
+                         inputs(16), labels(16), "random")
+  task = bench.Task("mlp", lambda: dataset, lambda: models.MLP((8,), outputs=3),
+                    16, epochs=2, target=0.0)
+  # SNGD twice: two runs of one compiled program must keep their own states.
+  grid = [("sngd", 0.1), ("adam", 1e-2), ("sngd", 0.3)]
+  alone = [bench.train(task, dataset, name, lr) for name, lr in grid]
+  together = bench.interleaved(bench.training(task, dataset, name, lr)
+                               for name, lr in grid)
+  for one, other in zip(alone, together, strict=True):
+    assert (one["optimizer"], one["lr"]) == (other["optimizer"], other["lr"])
+    assert [h["train_loss"] for h in one["history"]] == [
+        h["train_loss"] for h in other["history"]]
+  assert len(alone[0]["history"]) == 9  # 4 chunks an epoch, and the start
+  assert alone[0]["history"][-1]["train_loss"] != alone[2]["history"][-1]["train_loss"]

@@ -4,7 +4,7 @@
 the same seeds and the same batches, under every optimizer; each optimizer
 gets the same learning-rate grid (its own, centred on its usual value), the
 learning rate is chosen on held-out validation data, and every number comes
-from this one process. Outputs a table per task, loss-vs-time and
+from this one process, where the runs take their chunks of steps in turn. Outputs a table per task, loss-vs-time and
 loss-vs-epoch plots, and a JSON file with every run's history.
 """
 
@@ -298,7 +298,14 @@ _COMPILED: dict = {}  # (task, optimizer, chunk shape) -> compiled chunk and eva
 
 def train(task: Task, data: datasets.Dataset, optimizer: str, lr: float,
           seed: int = 0, evals_per_epoch: int = 4, progress=None) -> dict:
-  """One Optax run; returns its history and final metrics.
+  """One Optax run; returns its history and final metrics."""
+  return _finished(training(task, data, optimizer, lr, seed, evals_per_epoch,
+                            progress))
+
+
+def training(task: Task, data: datasets.Dataset, optimizer: str, lr: float,
+             seed: int = 0, evals_per_epoch: int = 4, progress=None):
+  """``train`` as a generator: yields after each timed chunk, returns the result.
 
   The learning rate lives in the optimizer state (``inject_hyperparams``), so
   one compiled program serves every learning rate of the grid.
@@ -331,8 +338,9 @@ def train(task: Task, data: datasets.Dataset, optimizer: str, lr: float,
     variables, opt_state, _ = chunk(*carry, xs, ys)
     return variables, opt_state
 
-  result, (_, opt_state) = run(task, data, advance, (variables, opt_state),
-                               evaluate, seed, evals_per_epoch, progress)
+  result, (_, opt_state) = yield from running(
+      task, data, advance, (variables, opt_state), evaluate, seed,
+      evals_per_epoch, progress)
   result.update(optimizer=optimizer, lr=lr, compile_s=compile_s,
                 state_bytes=sum(x.nbytes for x in jax.tree.leaves(opt_state)))
   if _is_sngd(optimizer):
@@ -351,9 +359,42 @@ def chunk_shape(task, data, evals_per_epoch):
   return chunk_steps, steps_per_epoch // chunk_steps, steps_per_epoch
 
 
+def interleaved(runs) -> list:
+  """Advances the generators ``runs`` in turn, one chunk each; their results.
+
+  Every run's clock counts only its own chunks, so a machine whose speed
+  drifts over a benchmark (by +-10% within half an hour on the 2-core CPUs
+  here) slows every optimizer alike instead of the ones that ran last.
+  """
+  runs, results = list(runs), dict[int, Any]()
+  while len(results) < len(runs):
+    for index, steps in enumerate(runs):
+      if index not in results:
+        try:
+          next(steps)
+        except StopIteration as end:
+          results[index] = end.value
+  return [results[index] for index in range(len(runs))]
+
+
+def _finished(steps):
+  """Runs a generator of ``training``/``running`` to its end; returns its value."""
+  return interleaved([steps])[0]
+
+
 def run(task, data, advance, carry, evaluate, seed=0, evals_per_epoch=4,
         progress=None):
   """The training loop shared by every optimizer (and the peers' workers).
+
+  See ``running``; returns ``(result, carry)``.
+  """
+  return _finished(running(task, data, advance, carry, evaluate, seed,
+                           evals_per_epoch, progress))
+
+
+def running(task, data, advance, carry, evaluate, seed=0, evals_per_epoch=4,
+            progress=None):
+  """``run`` as a generator that yields after each timed chunk.
 
   ``advance(carry, xs, ys)`` takes one chunk of steps (``xs`` of shape
   ``(steps, batch, ...)``) and returns the new carry, whose first element is
@@ -387,6 +428,7 @@ def run(task, data, advance, carry, evaluate, seed=0, evals_per_epoch=4,
       train_loss, _ = _evaluate_in_batches(evaluate, carry[0], train_x, train_y)
       history.append(dict(step=steps, epoch=steps / steps_per_epoch, wall=wall,
                           train_loss=train_loss))
+      yield
       if not np.isfinite(train_loss):
         break
     if progress is not None:
@@ -560,10 +602,9 @@ def main(argv=None):
              ) * task.epochs
     errors: dict[str, list[str]] = {}
     with tqdm(total=total, desc=task.name, unit="epoch") as bar:
-      for name in optax_runs:
-        for lr in grid(task, name):
-          bar.set_postfix(optimizer=name, lr=lr)
-          runs.append(train(task, data, name, lr, progress=bar))
+      # Every optimizer and learning rate in lockstep (``interleaved``).
+      runs += interleaved(training(task, data, name, lr, progress=bar)
+                          for name in optax_runs for lr in grid(task, name))
       for name in peer_names:
         for lr in peer_runs.PEERS[name].learning_rates:
           bar.set_postfix(optimizer=name, lr=lr)
