@@ -4,8 +4,9 @@
 the same seeds and the same batches, under every optimizer; each optimizer
 gets the same learning-rate grid (its own, centred on its usual value), the
 learning rate is chosen on held-out validation data, and every number comes
-from this one process, where the runs take their chunks of steps in turn. Outputs a table per task, loss-vs-time and
-loss-vs-epoch plots, and a JSON file with every run's history.
+from this one process, where a task's runs take their chunks of steps in
+turn. Outputs a table per task, loss-vs-time and loss-vs-epoch plots, and a
+JSON file with every run's history.
 """
 
 from __future__ import annotations
