@@ -603,7 +603,7 @@ def main(argv=None):
              ) * task.epochs
     errors: dict[str, list[str]] = {}
     with tqdm(total=total, desc=task.name, unit="epoch") as bar:
-      # Every optimizer and learning rate in lockstep (``interleaved``).
+      # Every optimizer and learning rate takes its chunks in turn (``interleaved``).
       runs += interleaved(training(task, data, name, lr, progress=bar)
                           for name in optax_runs for lr in grid(task, name))
       for name in peer_names:
