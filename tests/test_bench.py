@@ -1,8 +1,22 @@
 """Smoke run of the benchmark CLI: a few steps per optimizer, every output written."""
 
+import dataclasses
 import json
 
+import jax
+import numpy as np
+
+from sngd_jax.bench import data, models
 from sngd_jax.bench import harness as bench
+
+
+def _random_dataset(shape, classes, seed=0):
+  """Standard-normal inputs of ``shape`` and random labels: 64/16/16 rows."""
+  rng = np.random.default_rng(seed)
+  inputs = lambda n: rng.standard_normal((n, *shape), dtype=np.float32)
+  labels = lambda n: rng.integers(0, classes, n).astype(np.int32)
+  return data.Dataset(inputs(64), labels(64), inputs(16), labels(16),
+                      inputs(16), labels(16), "random")
 
 
 def test_bench_smoke_writes_tables_plots_and_json(tmp_path, capsys):
@@ -44,16 +58,7 @@ def test_variant_options_parse_json_values_and_bare_strings(monkeypatch):
 
 
 def test_a_batchnorm_model_trains_with_its_statistics_in_the_carry():
-  import jax
-  import numpy as np
-
-  from sngd_jax.bench import data, models
-
-  rng = np.random.default_rng(0)
-  images = lambda n: rng.random((n, 12, 12), dtype=np.float32)
-  labels = lambda n: rng.integers(0, 10, n).astype(np.int32)
-  dataset = data.Dataset(images(64), labels(64), images(16), labels(16),
-                         images(16), labels(16), "random")
+  dataset = _random_dataset((12, 12), 10)
   task = bench.Task("resnet", lambda: dataset,
                     lambda: models.ResNet(blocks=1, widths=(4, 8)), 16,
                     epochs=1, target=0.0, scan=False)
@@ -76,10 +81,6 @@ def test_a_batchnorm_model_trains_with_its_statistics_in_the_carry():
 
 
 def test_interleaved_runs_take_turns_and_equal_runs_one_after_another():
-  import numpy as np
-
-  from sngd_jax.bench import data, models
-
   order = []
 
   def chunks(name, count):
@@ -91,11 +92,7 @@ def test_interleaved_runs_take_turns_and_equal_runs_one_after_another():
   assert bench.interleaved([chunks("a", 2), chunks("b", 3)]) == ["a", "b"]
   assert order == ["a", "b", "a", "b", "b"]
 
-  rng = np.random.default_rng(0)
-  inputs = lambda n: rng.standard_normal((n, 12), dtype=np.float32)
-  labels = lambda n: rng.integers(0, 3, n).astype(np.int32)
-  dataset = data.Dataset(inputs(64), labels(64), inputs(16), labels(16),
-                         inputs(16), labels(16), "random")
+  dataset = _random_dataset((12,), 3)
   task = bench.Task("mlp", lambda: dataset, lambda: models.MLP((8,), outputs=3),
                     16, epochs=2, target=0.0)
   # SNGD twice: two runs of one compiled program must keep their own states.
@@ -114,17 +111,7 @@ def test_interleaved_runs_take_turns_and_equal_runs_one_after_another():
 def test_a_loop_of_steps_trains_as_the_scan_does():
   # The CNN tasks run a jitted step in a loop (XLA:CPU's convolutions are
   # slow inside a scan's while loop); the two forms must take the same steps.
-  import dataclasses
-
-  import numpy as np
-
-  from sngd_jax.bench import data, models
-
-  rng = np.random.default_rng(1)
-  series = lambda n: rng.standard_normal((n, 16, 1), dtype=np.float32)
-  labels = lambda n: rng.integers(0, 3, n).astype(np.int32)
-  dataset = data.Dataset(series(64), labels(64), series(16), labels(16),
-                         series(16), labels(16), "random")
+  dataset = _random_dataset((16, 1), 3, seed=1)
   scanned = bench.Task("cnn", lambda: dataset,
                        lambda: models.CNN((4, 4), kernel=3, outputs=3), 16,
                        epochs=2, target=0.0)
