@@ -116,7 +116,7 @@ class Task:
   # Steps run in a jitted scan; False: a jitted step called in a loop, as a
   # user's training loop does. Convolutions run 3.6x (MNIST-1D CNN) to 6.5x
   # (ResNet) slower inside XLA:CPU's while loop, for every optimizer alike;
-  # dense models and the LM run 5-15% faster in the scan.
+  # dense models and the LM run 0-15% faster in the scan.
   scan: bool = True
 
 
