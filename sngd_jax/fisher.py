@@ -17,7 +17,8 @@ last row for the bias when the layer has one (``x~ = [x; 1]``).
 
 Damping is always applied to the layer's block as a whole (for per-unit and
 Kronecker kinds, the layer's whole block-diagonal or Kronecker matrix):
-``G + (damping + relative_damping * trace(G) / dim) * I``.
+``G + (damping + relative_damping * trace(G) / dim + lambda_max(G) /
+max_condition) * I`` (``linalg.Damping``).
 """
 
 from __future__ import annotations
@@ -122,16 +123,18 @@ def augmented_moment(x, n, dtype):
                     [mean[None, :], jnp.ones((1, 1), dtype)]])
 
 
-def _unit_shift(stats, damping, relative_damping):
+def _unit_shift(stats, damping):
   """The damping of a layer's per-unit blocks ``(units, n, n)``.
 
   It is that of the layer's whole block-diagonal Fisher (its trace over its
-  dimension), shared by every unit: a unit whose own block is tiny (a nearly
-  dead ReLU) is not amplified by a damping that shrinks with it.
+  dimension, its largest eigenvalue the largest of any unit's), shared by
+  every unit: a unit whose own block is tiny (a nearly dead ReLU) is not
+  amplified by a damping that shrinks with it.
   """
   units, n, _ = stats.shape
   trace = jnp.sum(jnp.trace(stats, axis1=-2, axis2=-1))
-  return linalg.damping_for(trace, units * n, damping, relative_damping)
+  return damping.shift(trace, units * n, lambda: jnp.max(
+      jax.vmap(linalg.largest_eigenvalue)(stats)))
 
 
 def _vmapped_inverse(stats, shift, solver):
@@ -220,23 +223,23 @@ class _Block:
     uses = uses_per_example(entry["inputs"])
     return jax.tree.map(lambda s: s * uses, stats)
 
-  def refresh_split(self, stacked, damping, relative_damping, solver, axis):
+  def refresh_split(self, stacked, damping, solver, axis):
     """The refresh of ``k`` such blocks (stacked on a leading axis) with the
     devices of the bound ``axis`` sharing the work (``sngd_jax.split``)."""
     blocks = jax.tree.leaves(stacked)[0].shape[0]
     fresh = [self.refresh_part(jax.tree.map(lambda x, i=i: x[i], stacked),
-                               damping, relative_damping, solver, axis)
+                               damping, solver, axis)
              for i in range(blocks)]
     return split.stack(fresh)
 
-  def refresh_part(self, stats, damping, relative_damping, solver, axis):
+  def refresh_part(self, stats, damping, solver, axis):
     """One block's refresh, divided among ``axis``'s devices where it pays.
 
     Blocks whose refresh is cheap (softmax, embeddings: eigendecompositions of
     the small factors) compute it whole on every device.
     """
     del axis
-    return self.refresh(stats, damping, relative_damping, solver)
+    return self.refresh(stats, damping, solver)
 
   def apply(self, precond, g, entry):
     del entry
@@ -269,18 +272,16 @@ class Linear(_Block):
   def statistic(self, entry, dtype):
     return augmented_moment(_materialized(entry["inputs"]), self.n, dtype)
 
-  def refresh(self, stats, damping, relative_damping, solver):
-    return linalg.inverse(
-        linalg.damped(stats, damping, relative_damping), solver)
+  def refresh(self, stats, damping, solver):
+    return linalg.inverse(linalg.damped(stats, damping), solver)
 
-  def refresh_split(self, stacked, damping, relative_damping, solver, axis):
+  def refresh_split(self, stacked, damping, solver, axis):
     """``k`` blocks ``(k, n, n)`` on ``D`` devices: with ``k >= D`` each
     device inverts its ``ceil(k / D)`` whole blocks; else each block gets
     ``D // k`` devices, which solve for its columns, a share each (each of
     them factors the block: the Cholesky or eigendecomposition)."""
     blocks, devices = stacked.shape[0], jax.lax.axis_size(axis)
-    damped = jax.vmap(lambda g: linalg.damped(g, damping, relative_damping))(
-        stacked)
+    damped = jax.vmap(lambda g: linalg.damped(g, damping))(stacked)
     if blocks >= devices:
       mine, index, per = split.my_rows(
           damped, axis, fill=jnp.eye(self.n, dtype=stacked.dtype))
@@ -339,18 +340,18 @@ class NystromLinear(_Block):
     return {"columns": batch_mean("ni,nj->ij", xt, xt[:, np.array(self.columns)]),
             "diagonal": jnp.mean(xt * xt, axis=0)}
 
-  def refresh(self, stats, damping, relative_damping, solver, axis=None):
+  def refresh(self, stats, damping, solver, axis=None):
     del solver  # Woodbury needs one m x m Cholesky, whatever the solver.
-    shift = linalg.damping_for(
-        jnp.sum(stats["diagonal"]), self.n, damping, relative_damping)
+    # The cap is taken from the approximation's own spectrum, after it.
+    shift = damping.uncapped().shift(jnp.sum(stats["diagonal"]), self.n)
     basis, core, shift = linalg.nystrom_factors(
         stats["columns"], np.array(self.columns), shift, stats["diagonal"],
-        axis)
+        axis, damping.max_condition)
     return {"basis": basis, "core": core, "shift": shift}
 
-  def refresh_part(self, stats, damping, relative_damping, solver, axis):
+  def refresh_part(self, stats, damping, solver, axis):
     # Each device computes its rows of the basis.
-    return self.refresh(stats, damping, relative_damping, solver, axis)
+    return self.refresh(stats, damping, solver, axis)
 
   def apply_matrix(self, precond, g):
     return linalg.nystrom_apply(
@@ -380,13 +381,12 @@ class _UnitBlocks(_Block):
     return jnp.broadcast_to(
         jnp.eye(self.n, dtype=dtype), (self.d_out, self.n, self.n))
 
-  def refresh(self, stats, damping, relative_damping, solver):
-    return _vmapped_inverse(
-        stats, _unit_shift(stats, damping, relative_damping), solver)
+  def refresh(self, stats, damping, solver):
+    return _vmapped_inverse(stats, _unit_shift(stats, damping), solver)
 
-  def refresh_part(self, stats, damping, relative_damping, solver, axis):
+  def refresh_part(self, stats, damping, solver, axis):
     # Each device inverts its units' blocks (past the last unit: identities).
-    shift = _unit_shift(stats, damping, relative_damping)
+    shift = _unit_shift(stats, damping)
     mine, index, per = split.my_rows(
         stats, axis, fill=jnp.eye(self.n, dtype=stats.dtype))
     return split.assemble(_vmapped_inverse(mine, shift, solver), axis, index,
@@ -438,13 +438,13 @@ class Softmax(_Block):
     return {"output": output, "input": augmented_moment(
         _materialized(entry["inputs"]), self.n, dtype)}
 
-  def refresh(self, stats, damping, relative_damping, solver):
+  def refresh(self, stats, damping, solver):
     del solver
     out_vals, out_vecs = jnp.linalg.eigh(stats["output"])
     in_vals, in_vecs = jnp.linalg.eigh(stats["input"])
     trace = jnp.sum(out_vals) * jnp.sum(in_vals)
-    shift = linalg.damping_for(trace, self.n * self.d_out, damping,
-                               relative_damping)
+    shift = damping.shift(trace, self.n * self.d_out,
+                          lambda: jnp.max(out_vals) * jnp.max(in_vals))
     return {"output": out_vecs, "input": in_vecs,
             "scale": 1.0 / (jnp.outer(in_vals, out_vals) + shift)}
 
@@ -517,13 +517,14 @@ class Embedding(_Block):
              for key, name in (("counts", "inputs"), ("hidden", "attend"))}
     return {key: stats[key] * scale[key] for key in stats}
 
-  def refresh(self, stats, damping, relative_damping, solver):
+  def refresh(self, stats, damping, solver):
     del solver  # One eigendecomposition serves every row's block.
     values, vectors = jnp.linalg.eigh(stats["hidden"])
     values = jnp.maximum(values, 0.0)
     trace = self.dim * jnp.sum(stats["counts"]) + self.vocab * jnp.sum(values)
-    shift = linalg.damping_for(trace, self.vocab * self.dim, damping,
-                               relative_damping)
+    # Row v's block f_v I + C: the largest eigenvalue is max f + max eig C.
+    shift = damping.shift(trace, self.vocab * self.dim, lambda: (
+        jnp.max(stats["counts"]) + jnp.max(values)))
     return {"counts": stats["counts"] + shift, "values": values,
             "vectors": vectors}
 

@@ -10,9 +10,12 @@ to float32 (:func:`full_precision`).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sngd_jax import split
 
@@ -39,15 +42,58 @@ def full_precision(function):
   return exact
 
 
-def damping_for(trace, dim, damping, relative_damping):
-  """The diagonal shift damping + relative_damping * trace / dim."""
-  return damping + relative_damping * trace / dim
+class Damping(NamedTuple):
+  """What a block's diagonal is shifted by before it is inverted.
+
+  ``absolute + relative * trace(G) / dim + largest_eigenvalue(G) / max_condition``.
+  The last term caps the damped block's condition number near
+  ``max_condition``: without it, a block whose spectrum spans many decades
+  (a dense head on 1569 convolutional features: largest/mean eigenvalue
+  1144) is damped at a tiny fraction of its scale and its weakest
+  directions take steps the loss cannot bear. Fields may be traced
+  (``optax.inject_hyperparams``, the young EMA's warm-up); ``max_condition``
+  None: no cap.
+  """
+
+  absolute: Any
+  relative: Any
+  max_condition: Any = None
+
+  def shift(self, trace, dim, largest: Callable[[], Any] | None = None):
+    """The shift of a block with this ``trace`` and ``dim``; ``largest``
+    computes its largest eigenvalue, called only where there is a cap."""
+    shift = self.absolute + self.relative * trace / dim
+    if self.max_condition is None or largest is None:
+      return shift
+    return shift + largest() / self.max_condition
+
+  def uncapped(self) -> Damping:
+    return self._replace(max_condition=None)
 
 
-def damped(g, damping, relative_damping):
-  """Returns ``g + (damping + relative_damping * trace(g) / dim) * I``."""
+@full_precision
+def largest_eigenvalue(g, iterations: int = 16):
+  """The largest eigenvalue of a PSD block ``(n, n)``, from below, by power iteration.
+
+  It starts from a fixed random vector (no structure of a block, centred
+  inputs or alternating signs, can make it orthogonal to the top
+  eigenvector) and is unrolled, not a ``fori_loop``: under jit a while loop
+  per block cost XLA:CPU a GRU's step 7% (measured, 1.20x Adam's step
+  against 1.12x). The Rayleigh quotient's error after k steps is of order
+  ``(lambda_2 / lambda_1)^(2k)``; an underestimate only weakens the cap.
+  """
+  start = np.random.default_rng(0).standard_normal(g.shape[-1])
+  v = jnp.asarray(start / np.linalg.norm(start), g.dtype)
+  for _ in range(iterations):
+    w = g @ v
+    v = w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(g.dtype).tiny)
+  return jnp.vdot(v, g @ v)
+
+
+def damped(g, damping: Damping):
+  """``g + damping.shift(trace(g), dim) * I``."""
   dim = g.shape[-1]
-  shift = damping_for(jnp.trace(g), dim, damping, relative_damping)
+  shift = damping.shift(jnp.trace(g), dim, lambda: largest_eigenvalue(g))
   return g + shift * jnp.eye(dim, dtype=g.dtype)
 
 
@@ -168,7 +214,7 @@ def output_roots(mean, weight, power, eigenvalue_range):
 
 @full_precision
 def nystrom_factors(columns, column_index, shift, diagonal=None,
-                    axis_name=None):
+                    axis_name=None, max_condition=None):
   """Woodbury factors of ``(shift * I + C W^+ C^T)^{-1}``.
 
   The Nystrom approximation of a PSD matrix G from m of its columns
@@ -192,6 +238,8 @@ def nystrom_factors(columns, column_index, shift, diagonal=None,
     diagonal: G's diagonal ``(n,)``, for the spectral shift; ``None``: none.
     axis_name: a bound device axis (``sngd_jax.split``) whose devices divide
       the O(n m^2) products by rows; the result is whole on every device.
+    max_condition: adds ``lambda_max(B B^T) / max_condition`` to the shift
+      (``Damping``'s cap; ``B B^T`` has ``B^T B``'s nonzero eigenvalues).
 
   Returns:
     ``(basis, core, shift)``: ``B (n, m)``, ``(shift I + B^T B)^{-1} (m, m)``
@@ -214,6 +262,8 @@ def nystrom_factors(columns, column_index, shift, diagonal=None,
   if diagonal is not None:
     residual = jnp.sum(diagonal) - captured
     shift = shift + jnp.maximum(residual, 0.0) / max(n - m, 1)
+  if max_condition is not None:
+    shift = shift + largest_eigenvalue(gram) / max_condition
   eye = jnp.eye(m, dtype=w.dtype)
   return basis, cholesky_inverse(shift * eye + gram), shift
 

@@ -378,8 +378,8 @@ def _warn_unmatched(params, **options):
                       stacklevel=_user_stacklevel())
 
 
-def _validate(ema_decay, damping, relative_damping, stats_every, inverse_every,
-              layer_fisher, solver, nystrom):
+def _validate(ema_decay, damping, relative_damping, max_condition,
+              stats_every, inverse_every, layer_fisher, solver, nystrom):
   if _is_number(ema_decay) and not 0.0 <= ema_decay < 1.0:
     raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
   for name, value in (("damping", damping),
@@ -391,13 +391,18 @@ def _validate(ema_decay, damping, relative_damping, stats_every, inverse_every,
     raise ValueError("damping + relative_damping must be > 0: an undamped "
                      "local Fisher is singular for a batch smaller than its "
                      "dimension")
+  if max_condition is not None and not isinstance(max_condition, jax.Array) and (
+      not _is_number(max_condition) or not max_condition >= 1):
+    raise ValueError(f"max_condition must be None or a number >= 1, got "
+                     f"{max_condition!r}")
   for name, value in (("stats_every", stats_every),
                       ("inverse_every", inverse_every)):
     if isinstance(value, bool) or (
         _is_number(value) and (value < 1 or int(value) != value)):
       raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
   for name, value in (("ema_decay", ema_decay), ("damping", damping),
-                      ("relative_damping", relative_damping)):
+                      ("relative_damping", relative_damping),
+                      ("max_condition", max_condition)):
     dtype = getattr(value, "dtype", None)
     if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and (
         jnp.finfo(dtype).bits < 32):
@@ -430,6 +435,7 @@ def scale_by_sngd(
     ema_decay: float = 0.95,
     damping: float = 1e-4,
     relative_damping: float = 1e-2,
+    max_condition: float | None = 1e3,
     stats_every: int = 10,
     inverse_every: int = 100,
     layer_fisher: PerLayer = "linear",
@@ -474,7 +480,17 @@ def scale_by_sngd(
       whatever the inputs' scale.
     damping: absolute damping added to every block's diagonal.
     relative_damping: damping relative to the block's mean eigenvalue: the
-      block applied is ``G + (damping + relative_damping * trace(G)/dim) I``.
+      block applied is ``G + (damping + relative_damping * trace(G)/dim +
+      lambda_max(G) / max_condition) I``.
+    max_condition: caps each block's condition number near this: the
+      shift gains ``lambda_max(G) / max_condition`` (the largest eigenvalue
+      by 16 power iterations at each refresh; for per-unit, Kronecker and
+      embedding blocks that of the layer's whole block). The mean-relative
+      damping alone leaves a block whose spectrum spans many decades (a
+      dense head on convolutional features) nearly undamped in its weakest
+      directions, which then take the steps that made such a model's loss
+      rise at a learning rate the rest of it trains fastest at. ``None``:
+      no cap.
     stats_every: update the statistics every this many steps (every step,
       with a refresh every ``stats_every`` steps, while the EMA's weight is
       below 0.9).
@@ -590,8 +606,8 @@ def scale_by_sngd(
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> updates, state = tx.update(grads, state, params, activations=acts)
   """
-  _validate(ema_decay, damping, relative_damping, stats_every, inverse_every,
-            layer_fisher, solver, nystrom)
+  _validate(ema_decay, damping, relative_damping, max_condition, stats_every,
+            inverse_every, layer_fisher, solver, nystrom)
   if isinstance(kl_clip, (int, float)) and kl_clip <= 0:  # not traced
     raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip}")
   if isinstance(stats_positions, (jax.Array, np.ndarray)):
@@ -661,8 +677,8 @@ def scale_by_sngd(
       # The EMA starts at zero (stats_weight corrects its bias). Until a
       # first refresh succeeds, the preconditioner is the identity.
       stats[layer.path] = jax.tree.map(jnp.zeros_like, identity)
-      preconditioners[layer.path] = layer.block.refresh(identity, 0.0, 0.0,
-                                                        solver)
+      preconditioners[layer.path] = layer.block.refresh(
+          identity, linalg.Damping(0.0, 0.0), solver)
       if with_output_factor(layer):
         output_stats[layer.path] = jnp.zeros((layer.d_out,) * 2, dtype)
         output_factors[layer.path] = (jnp.eye(layer.d_out, dtype=dtype),
@@ -780,8 +796,9 @@ def scale_by_sngd(
       def refreshed_group(paths=paths, block=block):
         fresh, faults = _refreshed(
             block, split.stack([stats[p] for p in paths]),
-            split.stack([state.preconditioners[p] for p in paths]), damping,
-            warm_damping.astype(jax.tree.leaves(stats[paths[0]])[0].dtype),
+            split.stack([state.preconditioners[p] for p in paths]),
+            linalg.Damping(damping, warm_damping.astype(
+                jax.tree.leaves(stats[paths[0]])[0].dtype), max_condition),
             solver, weight > 0, for_every_model, refresh_axis)
         return [jax.tree.map(lambda x, i=i: x[i], fresh)
                 for i in range(len(paths))], faults
@@ -965,16 +982,16 @@ def _refresh_groups(active, stats, refresh_axis) -> list[list[str]]:
   return list(groups.values())
 
 
-def refresh_group(block, stacked, damping, relative_damping, solver,
+def refresh_group(block, stacked, damping: linalg.Damping, solver,
                   refresh_axis=None):
   """The preconditioners of ``k`` alike blocks stacked on a leading axis (one
   attempt: no retry); with ``refresh_axis`` its devices divide the work."""
   if refresh_axis is None:  # one layer alone
     unstacked = jax.tree.map(lambda x: x[0], stacked)
     return jax.tree.map(lambda x: x[None], block.refresh(
-        unstacked, damping, relative_damping, solver))
+        unstacked, damping, solver))
   return split.on_axis(refresh_axis, lambda *operands: block.refresh_split(
-      *operands, solver, refresh_axis), stacked, damping, relative_damping)
+      *operands, solver, refresh_axis), stacked, damping)
 
 
 def _finite_blocks(tree) -> jax.Array:
@@ -990,14 +1007,14 @@ def _where_blocks(keep, new, old):
       jnp.reshape(keep, keep.shape + (1,) * (n.ndim - 1)), n, o), new, old)
 
 
-def _refreshed(block, stats, old, damping, relative_damping, solver, valid,
+def _refreshed(block, stats, old, damping: linalg.Damping, solver, valid,
                for_every_model, refresh_axis=None):
   """New damped inverses of ``k`` alike blocks stacked on a leading axis.
 
   A non-finite one is retried with more damping, then rejected. Returns the
   preconditioners and how many first attempts failed. A block too close to
-  singular for its damping is the usual cause, so one retry uses 100x
-  ``damping`` and at least 1e-3 ``relative_damping``; if that fails too, the
+  singular for its damping is the usual cause, so one retry uses 100x the
+  absolute damping and at least 1e-3 relative damping; if that fails too, the
   last good preconditioner is kept. Statistics that are not ``valid`` (none
   taken yet) keep the old preconditioners. ``for_every_model`` makes the
   decision to retry once for all models under vmap (each keeps its own
@@ -1008,8 +1025,10 @@ def _refreshed(block, stats, old, damping, relative_damping, solver, valid,
 
   def attempt(boost, floor):
     fresh = jax.tree.map(lambda f, o: f.astype(o.dtype), refresh_group(
-        block, stats, jnp.asarray(damping * boost),
-        jnp.maximum(relative_damping * boost, floor), solver, refresh_axis),
+        block, stats, damping._replace(
+            absolute=jnp.asarray(damping.absolute * boost),
+            relative=jnp.maximum(damping.relative * boost, floor)),
+        solver, refresh_axis),
         old)
     return fresh, _finite_blocks(fresh)
 
@@ -1081,6 +1100,7 @@ def sngd(
     ema_decay: float = 0.95,
     damping: float = 1e-4,
     relative_damping: float = 1e-2,
+    max_condition: float | None = 1e3,
     stats_every: int = 10,
     inverse_every: int = 100,
     layer_fisher: PerLayer = "linear",
@@ -1113,8 +1133,9 @@ def sngd(
     nesterov: Nesterov momentum.
     weight_decay: decoupled weight decay; None or 0 for none.
     weight_decay_mask: ``optax.add_decayed_weights``' mask.
-    ema_decay, damping, relative_damping, stats_every, inverse_every,
-    layer_fisher, solver, nystrom, kl_clip, weight_sharing, output_axes,
+    ema_decay, damping, relative_damping, max_condition, stats_every,
+    inverse_every, layer_fisher, solver, nystrom, kl_clip, weight_sharing,
+    output_axes,
     axis_name, vmap_axis_name, stats_positions, refresh_axis,
     output_factor: see
       :func:`scale_by_sngd`. ``kl_clip`` bounds ``learning_rate^2 |m|_G^2``,
@@ -1132,7 +1153,7 @@ def sngd(
   no_momentum = momentum is None or _is_number(momentum) and momentum == 0
   parts = [scale_by_sngd(
       ema_decay=ema_decay, damping=damping, relative_damping=relative_damping,
-      stats_every=stats_every, inverse_every=inverse_every,
+      max_condition=max_condition, stats_every=stats_every, inverse_every=inverse_every,
       layer_fisher=layer_fisher, solver=solver, nystrom=nystrom,
       kl_clip=kl_clip,
       learning_rate=1.0 if learning_rate is None else learning_rate,

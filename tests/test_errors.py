@@ -101,6 +101,8 @@ def test_unknown_kind_in_mapping_names_the_path(setup):
     (dict(damping=-1.0), "damping must be >= 0"),
     (dict(relative_damping=-1e-3), "relative_damping must be >= 0"),
     (dict(damping=0.0, relative_damping=0.0), "must be > 0"),
+    (dict(max_condition=0.5), "max_condition must be None or a number >= 1"),
+    (dict(max_condition="1e3"), "max_condition must be None or a number >= 1"),
     (dict(inverse_every=0), "inverse_every must be an integer >= 1"),
     (dict(stats_every=1.5), "stats_every must be an integer >= 1"),
     (dict(ema_decay=1.0), r"ema_decay must be in \[0, 1\)"),

@@ -11,11 +11,13 @@ import sngd_jax
 
 DAMPING, RELATIVE = 1e-3, 1e-2
 # The bare formula: one batch's statistic (no EMA), inverted at once, exact
-# blocks, no KL clip, the input side alone (test_output_factor adds the
+# blocks, no KL clip, no condition cap (test_the_cap_... adds it), the input
+# side alone (test_output_factor adds the
 # output side): what the references below compute.
 FORMULA = dict(ema_decay=0.0, damping=DAMPING, relative_damping=RELATIVE,
-               stats_every=1, inverse_every=1, nystrom=None, kl_clip=None,
-               stats_positions=None, output_factor=False)
+               max_condition=None, stats_every=1, inverse_every=1,
+               nystrom=None, kl_clip=None, stats_positions=None,
+               output_factor=False)
 
 # Independent numpy versions of nu_f from the method note.
 NU = {
@@ -26,42 +28,51 @@ NU = {
 }
 
 
-def damp(g, trace=None, dim=None):
-  """``g + (damping + relative * trace / dim) I``; by default g's own trace and size."""
+def damp(g, trace=None, dim=None, largest=None, max_condition=None):
+  """``g + (damping + relative * trace / dim + largest / max_condition) I``;
+  by default g's own trace, size and largest eigenvalue, and no cap."""
   trace = np.trace(g) if trace is None else trace
   dim = g.shape[0] if dim is None else dim
-  return g + (DAMPING + RELATIVE * trace / dim) * np.eye(g.shape[0])
+  shift = DAMPING + RELATIVE * trace / dim
+  if max_condition is not None:
+    largest = np.linalg.eigvalsh(g)[-1] if largest is None else largest
+    shift += largest / max_condition
+  return g + shift * np.eye(g.shape[0])
 
 
 def with_ones(x):
   return np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
 
 
-def reference_update(kind, x, h, g):
+def reference_update(kind, x, h, g, max_condition=None):
   """``G^{-1} g`` for one layer; ``g`` is ``(d_in + 1, d_out)``."""
   xt = with_ones(np.asarray(x))
   h = np.asarray(h)
   n = xt.shape[0]
   if kind == "linear":
-    return np.linalg.solve(damp(xt.T @ xt / n), g)
+    return np.linalg.solve(damp(xt.T @ xt / n, max_condition=max_condition), g)
   if kind == "softmax":
     eta = np.exp(h - h.max(1, keepdims=True))
     eta /= eta.sum(1, keepdims=True)
     a = np.diag(eta.mean(0)) - eta.T @ eta / n
     b = xt.T @ xt / n
-    big = damp(np.kron(a, b))  # index (unit j, feature i) = vec(g) by columns
+    big = damp(np.kron(a, b), max_condition=max_condition)  # index (unit j, feature i) = vec(g) by columns
     return np.linalg.solve(big, g.T.reshape(-1)).reshape(g.shape[1], -1).T
-  # Per unit: the damping is the layer's (its block-diagonal Fisher's trace).
+  # Per unit: the damping is the layer's (its block-diagonal Fisher's trace
+  # and largest eigenvalue).
   nu = NU[kind](h)
   blocks = [(xt * nu[:, j:j + 1]).T @ xt / n for j in range(g.shape[1])]
   trace = sum(np.trace(b) for b in blocks)
   dim = len(blocks) * xt.shape[1]
-  return np.stack([np.linalg.solve(damp(b, trace, dim), g[:, j])
-                   for j, b in enumerate(blocks)], axis=1)
+  largest = max(np.linalg.eigvalsh(b)[-1] for b in blocks)
+  return np.stack([np.linalg.solve(damp(b, trace, dim, largest, max_condition),
+                                   g[:, j]) for j, b in enumerate(blocks)],
+                  axis=1)
 
 
-def one_step(kind, solver, params, acts, grads):
-  tx = sngd_jax.scale_by_sngd(**FORMULA, layer_fisher=kind, solver=solver)
+def one_step(kind, solver, params, acts, grads, max_condition=None):
+  tx = sngd_jax.scale_by_sngd(**{**FORMULA, "max_condition": max_condition},
+                              layer_fisher=kind, solver=solver)
   state = tx.init(params)
   updates, state = jax.jit(
       lambda g, s, p, a: tx.update(g, s, p, activations=a))(
@@ -92,6 +103,24 @@ def test_update_is_damped_local_fisher_inverse_times_gradient(kind, solver):
     np.testing.assert_allclose(stacked(updates[name]), expected,
                                rtol=1e-9, atol=1e-9)
   assert int(state.stats_faults) == 0 and int(state.inverse_faults) == 0
+
+
+@pytest.mark.parametrize("kind", ["linear", "relu", "softmax"])
+def test_the_cap_adds_the_largest_eigenvalue_over_max_condition(kind):
+  """With ``max_condition`` 10 the cap outweighs the relative damping ~20x."""
+  params = mlp_params(jax.random.PRNGKey(0), [4, 5, 3])
+  x = 2.0 + jax.random.normal(jax.random.PRNGKey(1), (7, 4), jnp.float64)
+  labels = jnp.array([0, 1, 2, 0, 1, 2, 0])
+  grads = jax.grad(lambda p: cross_entropy(mlp_forward(p, x)[0], labels))(params)
+  _, acts = mlp_forward(params, x)
+  updates, _ = one_step(kind, "cholesky", params, acts, grads, max_condition=10.0)
+  for name in params:
+    capped, bare = (reference_update(kind, acts[name]["inputs"],
+                                     acts[name]["outputs"], stacked(grads[name]),
+                                     cap) for cap in (10.0, None))
+    assert np.linalg.norm(capped - bare) > 0.1 * np.linalg.norm(bare)
+    np.testing.assert_allclose(stacked(updates[name]), capped, rtol=1e-6,
+                               atol=1e-9)
 
 
 def test_per_layer_mapping_like_the_official_code():

@@ -48,11 +48,27 @@ def test_denman_beavers_float32_inverse_sqrt_whitens_at_condition_1e6():
 @pytest.mark.parametrize("solver", linalg.SOLVERS)
 def test_solvers_invert_damped_blocks(solver):
   a = spd(10, 1e3)
-  damped = np.asarray(linalg.damped(jnp.asarray(a), 1e-3, 1e-2))
-  np.testing.assert_allclose(
-      damped, a + (1e-3 + 1e-2 * np.trace(a) / 10) * np.eye(10), rtol=1e-14)
+  damped = np.asarray(linalg.damped(jnp.asarray(a), linalg.Damping(1e-3, 1e-2, 50)))
+  shift = 1e-3 + 1e-2 * np.trace(a) / 10 + np.linalg.eigvalsh(a)[-1] / 50
+  np.testing.assert_allclose(damped, a + shift * np.eye(10), rtol=1e-9)
   got = np.asarray(linalg.inverse(jnp.asarray(damped), solver))
   np.testing.assert_allclose(got @ damped, np.eye(10), atol=1e-9)
+
+
+@pytest.mark.parametrize("second,rtol", [(0.5, 1e-12), (0.9, 1e-2), (1.0, 1e-12)])
+def test_largest_eigenvalue_is_the_top_of_eigvalsh_from_below(second, rtol):
+  """16 power iterations: exact past a gap, close without one (two equal top
+  eigenvalues make any vector of their plane exact), never above; the top
+  eigenvector alternates in sign, orthogonal to the ones vector."""
+  n = 40
+  q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(n, n)))
+  q[:, 0] = np.where(np.arange(n) % 2, 1.0, -1.0) / np.sqrt(n)
+  q, _ = np.linalg.qr(q)
+  vals = np.concatenate([[7.0, 7.0 * second], np.linspace(3.0, 1e-3, n - 2)])
+  a = (q * vals) @ q.T
+  got = float(linalg.largest_eigenvalue(jnp.asarray(a)))
+  assert got <= 7.0 * (1 + 1e-12)
+  np.testing.assert_allclose(got, 7.0, rtol=rtol)
 
 
 def low_rank_plus_noise(n, rank, noise, seed=0):
@@ -87,6 +103,18 @@ def test_nystrom_error_shrinks_as_rank_grows():
   errors = [nystrom_error(g, sorted(order[:m]), 0.5) for m in (5, 15, 30, 60, 120)]
   assert all(b < a for a, b in zip(errors, errors[1:])), errors
   assert errors[-1] < 1e-9 and errors[0] > 1e-2, errors
+
+
+def test_nystrom_cap_is_the_approximations_largest_eigenvalue_over_max_condition():
+  g = low_rank_plus_noise(60, 5, 0.0)
+  columns = np.arange(0, 60, 6)
+  c = g[:, columns]
+  approximation = c @ np.linalg.pinv(g[np.ix_(columns, columns)]) @ c.T
+  _, _, used = linalg.nystrom_factors(jnp.asarray(c), columns, 0.5,
+                                      max_condition=20.0)
+  # Power iteration across the top two eigenvalues' gap (ratio ~0.8 here).
+  np.testing.assert_allclose(
+      float(used), 0.5 + np.linalg.eigvalsh(approximation)[-1] / 20, rtol=1e-4)
 
 
 def test_nystrom_spectral_shift_keeps_the_trace_and_tames_missed_directions():
@@ -133,7 +161,7 @@ def test_nystrom_quadratic_is_v_dot_pv_of_the_explicit_approximation(
   g = 1e3 * low_rank_plus_noise(50, 6, 1e-1, seed=5)
   columns = np.arange(0, 50, 5)
   shift = 1e-2 if relative_shift is None else float(
-      linalg.damping_for(np.trace(g), 50, 0.0, relative_shift))
+      linalg.Damping(0.0, relative_shift).shift(np.trace(g), 50))
   basis, core, _ = linalg.nystrom_factors(jnp.asarray(g[:, columns], dtype),
                                           columns, shift)
   b = np.asarray(basis, np.float64)

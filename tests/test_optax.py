@@ -87,6 +87,24 @@ def test_inject_hyperparams_changes_learning_rate_between_steps():
   assert isinstance(state.hyperparams["inverse_every"], jax.Array)
 
 
+def test_inject_hyperparams_max_condition_is_traced():
+  params, acts, grads = setup()
+  injected = optax.inject_hyperparams(sngd_jax.sngd)(learning_rate=0.1,
+                                                     max_condition=1e3)
+  state = injected.init(params)
+  state.hyperparams["max_condition"] = jnp.asarray(3.0)
+  capped, _ = injected.update(grads, state, params, activations=acts)
+  static = sngd_jax.sngd(0.1, max_condition=3.0)
+  expected, _ = static.update(grads, static.init(params), params,
+                              activations=acts)
+  assert_tree_close(capped, expected, rtol=1e-5)
+  uncapped = sngd_jax.sngd(0.1, max_condition=None)
+  plain, _ = uncapped.update(grads, uncapped.init(params), params,
+                             activations=acts)
+  assert not np.allclose(plain["layer0"]["kernel"], capped["layer0"]["kernel"],
+                         rtol=1e-2)
+
+
 def test_inject_hyperparams_under_jit_with_array_intervals():
   params, acts, grads = setup()
   tx = optax.inject_hyperparams(sngd_jax.sngd)(learning_rate=0.1,

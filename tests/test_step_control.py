@@ -184,7 +184,8 @@ def test_every_blocks_metric_inverts_its_preconditioner(path):
 
   @jax.jit  # one program: eager, each op of each kind would compile alone
   def metric_and_quadratic(stats, g, entry):
-    precond = layer.block.refresh(stats, 1e-4, 1e-2, "cholesky")
+    precond = layer.block.refresh(stats, linalg.Damping(1e-4, 1e-2, 1e3),
+                                  "cholesky")
     v = layer.block.apply(precond, g, entry)
     return layer.block.metric(precond, v, entry), jnp.vdot(v, g)
 

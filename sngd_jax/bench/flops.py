@@ -23,7 +23,7 @@ import re
 import jax
 import jax.numpy as jnp
 
-from sngd_jax import split, transform
+from sngd_jax import linalg, split, transform
 
 _SHAPE = re.compile(r"[fc](?:16|32|64)\[([0-9,]*)\]")
 
@@ -73,15 +73,16 @@ def refresh(tx_options: dict, layers, stats, refresh_axis=None):
   """Every layer's refresh (first attempt, grouped as ``scale_by_sngd``
   groups them), the function whose compiled FLOPs the scaling benchmark
   reports."""
-  damping = jnp.asarray(tx_options.get("damping", 1e-4))
-  relative = jnp.asarray(tx_options.get("relative_damping", 1e-2))
+  damping = linalg.Damping(jnp.asarray(tx_options.get("damping", 1e-4)),
+                           jnp.asarray(tx_options.get("relative_damping", 1e-2)),
+                           tx_options.get("max_condition", 1e3))
   solver = tx_options.get("solver", "cholesky")
   active = {layer.path: layer for layer in layers}
   out = {}
   for paths in transform._refresh_groups(active, stats, refresh_axis):
     fresh = transform.refresh_group(
         active[paths[0]].block, split.stack([stats[p] for p in paths]),
-        damping, relative, solver, refresh_axis)
+        damping, solver, refresh_axis)
     out.update({p: jax.tree.map(lambda x, i=i: x[i], fresh)
                 for i, p in enumerate(paths)})
   return out
