@@ -61,10 +61,13 @@ class Damping(NamedTuple):
 
   def shift(self, trace, dim, largest: Callable[[], Any] | None = None):
     """The shift of a block with this ``trace`` and ``dim``; ``largest``
-    computes its largest eigenvalue, called only where there is a cap."""
+    computes its largest eigenvalue, called only where there is a cap (an
+    uncapped ``Damping`` needs none)."""
     shift = self.absolute + self.relative * trace / dim
-    if self.max_condition is None or largest is None:
+    if self.max_condition is None:
       return shift
+    if largest is None:
+      raise ValueError("a capped Damping needs the block's largest eigenvalue")
     return shift + largest() / self.max_condition
 
   def uncapped(self) -> Damping:
@@ -77,10 +80,11 @@ def largest_eigenvalue(g, iterations: int = 16):
 
   It starts from a fixed random vector (no structure of a block, centred
   inputs or alternating signs, can make it orthogonal to the top
-  eigenvector) and is unrolled, not a ``fori_loop``: under jit a while loop
-  per block cost XLA:CPU a GRU's step 7% (measured, 1.20x Adam's step
-  against 1.12x). The Rayleigh quotient's error after k steps is of order
-  ``(lambda_2 / lambda_1)^(2k)``; an underestimate only weakens the cap.
+  eigenvector) and is unrolled (no while loop in the refresh's program):
+  on XLA:CPU it costs a 101-row block 40 us against its Cholesky inverse's
+  107, a 513-row one 235 us against 5.3 ms. The Rayleigh quotient's error
+  after k steps is of order ``(lambda_2 / lambda_1)^(2k)``; an
+  underestimate only weakens the cap.
   """
   start = np.random.default_rng(0).standard_normal(g.shape[-1])
   v = jnp.asarray(start / np.linalg.norm(start), g.dtype)
