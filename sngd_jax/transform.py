@@ -1135,8 +1135,7 @@ def sngd(
     weight_decay_mask: ``optax.add_decayed_weights``' mask.
     ema_decay, damping, relative_damping, max_condition, stats_every,
     inverse_every, layer_fisher, solver, nystrom, kl_clip, weight_sharing,
-    output_axes,
-    axis_name, vmap_axis_name, stats_positions, refresh_axis,
+    output_axes, axis_name, vmap_axis_name, stats_positions, refresh_axis,
     output_factor: see
       :func:`scale_by_sngd`. ``kl_clip`` bounds ``learning_rate^2 |m|_G^2``,
       the KL of the step momentum takes.
@@ -1153,7 +1152,8 @@ def sngd(
   no_momentum = momentum is None or _is_number(momentum) and momentum == 0
   parts = [scale_by_sngd(
       ema_decay=ema_decay, damping=damping, relative_damping=relative_damping,
-      max_condition=max_condition, stats_every=stats_every, inverse_every=inverse_every,
+      max_condition=max_condition, stats_every=stats_every,
+      inverse_every=inverse_every,
       layer_fisher=layer_fisher, solver=solver, nystrom=nystrom,
       kl_clip=kl_clip,
       learning_rate=1.0 if learning_rate is None else learning_rate,

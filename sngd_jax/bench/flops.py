@@ -17,6 +17,7 @@ each times the batch (leading dimensions).
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 
@@ -73,10 +74,15 @@ def refresh(tx_options: dict, layers, stats, refresh_axis=None):
   """Every layer's refresh (first attempt, grouped as ``scale_by_sngd``
   groups them), the function whose compiled FLOPs the scaling benchmark
   reports."""
-  damping = linalg.Damping(jnp.asarray(tx_options.get("damping", 1e-4)),
-                           jnp.asarray(tx_options.get("relative_damping", 1e-2)),
-                           tx_options.get("max_condition", 1e3))
-  solver = tx_options.get("solver", "cholesky")
+  defaults = inspect.signature(transform.scale_by_sngd).parameters
+
+  def option(name):
+    return tx_options.get(name, defaults[name].default)
+
+  damping = linalg.Damping(jnp.asarray(option("damping")),
+                           jnp.asarray(option("relative_damping")),
+                           option("max_condition"))
+  solver = option("solver")
   active = {layer.path: layer for layer in layers}
   out = {}
   for paths in transform._refresh_groups(active, stats, refresh_axis):
