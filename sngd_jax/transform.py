@@ -25,8 +25,11 @@ PerLayer = str | Mapping[str, str] | Callable[[str], str]
 # How many trailing kernel axes are outputs, per layer (None: inferred).
 OutputAxes = None | int | Mapping[str, int] | Callable[[str], int | None]
 WEIGHT_SHARING = ("auto", "reduce", "expand")
-# stats_positions="auto": positions per example a statistic samples.
-DEFAULT_STATS_POSITIONS = 64
+# stats_positions="auto": positions per example a statistic samples, by how
+# the layer's uses share the loss. Under "reduce" they are one example's
+# (correlated: an image's patches), so a few estimate their sum; under
+# "expand" each use is an example (tokens, time steps) and keeps more.
+AUTO_STATS_POSITIONS = {"reduce": 16, "expand": 64}
 # The output factor R (output_factor=True): directions are multiplied by
 # R^-OUTPUT_POWER, R's eigenvalues (mean 1) clipped to OUTPUT_RANGE; layers
 # with more outputs than OUTPUT_MAX_DIM go without (R is d_out x d_out).
@@ -564,11 +567,13 @@ def scale_by_sngd(
       example): an unbiased estimate of the mean over all positions at
       ``stats_positions / P`` of the cost (a convolution's im2col patches are
       built at those positions only). ``None``: every position. ``"auto"``
-      (default): 64, which keeps a 28x28 convolution's statistic to a twelfth
-      of its cost (over every position it costs ``kh*kw*C_in / C_out`` times
-      the convolution itself); a string, so ``optax.inject_hyperparams``
-      leaves it static (an int needs ``static_args=("stats_positions",)``
-      there).
+      (default): 16 where the layer's ``weight_sharing`` is ``"reduce"`` (a
+      convolution or norm over an image's positions: its patches are
+      correlated, so a few estimate their sum; over every position a conv's
+      statistic costs ``kh*kw*C_in / C_out`` times the convolution itself),
+      64 where it is ``"expand"`` (tokens, time steps: each is an example);
+      a string, so ``optax.inject_hyperparams`` leaves it static (an int
+      needs ``static_args=("stats_positions",)`` there).
     refresh_axis: a device axis whose devices divide the refresh among them
       (each computes its columns of every exact inverse, its units of the
       per-unit blocks, its rows of the Nystrom bases; one ``psum`` assembles
@@ -614,9 +619,9 @@ def scale_by_sngd(
     raise ValueError(
         "stats_positions is an array: it sets a shape, so it must be static "
         "(under optax.inject_hyperparams pass static_args=('stats_positions',))")
-  if isinstance(stats_positions, str) and stats_positions == "auto":
-    stats_positions = DEFAULT_STATS_POSITIONS
-  if stats_positions is not None and (
+  auto_positions = (isinstance(stats_positions, str)
+                    and stats_positions == "auto")
+  if stats_positions is not None and not auto_positions and (
       isinstance(stats_positions, bool) or not isinstance(stats_positions, int)
       or stats_positions < 1):
     raise ValueError('stats_positions must be None, "auto" or an integer >= 1, '
@@ -634,6 +639,11 @@ def scale_by_sngd(
     if mode == "auto":  # recurrent cells expand, every other layer reduces
       return "expand" if fisher.SCANNED in entry else "reduce"
     return mode
+
+  def positions(path, entry):  # the positions per example its statistic takes
+    if auto_positions:
+      return AUTO_STATS_POSITIONS[sharing(path, entry)]
+    return stats_positions
 
   def clip_weight(path, entry):
     if (_resolve(weight_sharing, path, "auto") == "auto"
@@ -753,9 +763,10 @@ def scale_by_sngd(
       for index, (path, layer) in enumerate(active.items()):
         entry = entries[path]
         with jax.named_scope(f"sngd/{path}"):
-          if stats_positions is not None:
+          limit = positions(path, entry)
+          if limit is not None:
             sampled = fisher.sampled_positions(
-                entry, stats_positions, jax.random.fold_in(step_key, index))
+                entry, limit, jax.random.fold_in(step_key, index))
           else:
             sampled = entry
           out[path], fault = _statistic_ema(

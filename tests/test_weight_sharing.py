@@ -206,6 +206,29 @@ def test_sampled_positions_keep_the_statistics_scale():
   assert_tree_close(update(2), update(None))
 
 
+def test_auto_positions_are_16_under_reduce_and_64_under_expand():
+  # 65 positions per example: "auto" must draw exactly a reduce layer's 16
+  # and an expand layer's 64 (the draws depend on the step and layer only).
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 65, 3), jnp.float64)
+  params = {"dense": {"kernel": jax.random.normal(jax.random.PRNGKey(1), (3, 2),
+                                                  jnp.float64)}}
+  acts = {"dense": {"inputs": x, "outputs": x @ params["dense"]["kernel"]}}
+  grads = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype)
+                                         ).reshape(p.shape), params)
+
+  def update(sharing, stats_positions):
+    tx = sngd_jax.scale_by_sngd(**{**FORMULA, "weight_sharing": sharing,
+                                   "stats_positions": stats_positions})
+    return tx.update(grads, tx.init(params), params, activations=acts)[0]
+
+  for sharing, limit in (("reduce", 16), ("expand", 64)):
+    auto = update(sharing, "auto")
+    assert_tree_close(auto, update(sharing, limit))
+    for other in (None, limit - 1):
+      assert not np.allclose(auto["dense"]["kernel"],
+                             update(sharing, other)["dense"]["kernel"])
+
+
 def test_sampled_positions_are_an_unbiased_estimate_shared_by_inputs_and_outputs():
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 2), jnp.float64)
   kernel = jax.random.normal(jax.random.PRNGKey(1), (2, 4), jnp.float64)
