@@ -34,10 +34,10 @@ from sngd_jax.bench import models
 from sngd_jax.bench import peers as peer_runs
 
 # SNGD's options for every task: the library's defaults (statistics every 10
-# steps from at most 64 positions per example, inverses every 100, rank-32
-# Nystrom blocks past 512 inputs, KL clip 0.3, weight sharing "auto":
-# recurrent cells "expand", other layers "reduce") plus momentum; only the
-# learning rate is tuned.
+# steps from at most 16 positions per example, 64 where a layer expands;
+# inverses every 100, rank-32 Nystrom blocks past 512 inputs, KL clip 0.3,
+# weight sharing "auto": recurrent cells "expand", other layers "reduce")
+# plus momentum; only the learning rate is tuned.
 SNGD_OPTIONS = dict(momentum=0.9)
 
 
@@ -576,6 +576,10 @@ def main(argv=None):
                       "e.g. kl_clip=1.0,stats_every=2")
   args = parser.parse_args(argv)
   args.optimizers += [add_sngd_variant(spec) for spec in args.sngd_variants]
+  # On CPU, JAX's LAPACK calls (a refresh's Cholesky and eigh) run in scipy's
+  # OpenBLAS, loaded at the first one: with its own thread per core it
+  # competes with XLA's threads (README: "On CPU"). Only SNGD calls LAPACK.
+  os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
   from tqdm.auto import tqdm
 
@@ -584,7 +588,9 @@ def main(argv=None):
   selected = [t for t in tasks(args.suite, args.fast)
               if args.tasks is None or t.name in args.tasks]
   peers = peer_status()
-  machine = f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}"
+  machine = (f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on "
+             f"{jax.devices()[0].platform}, OPENBLAS_NUM_THREADS="
+             f"{os.environ['OPENBLAS_NUM_THREADS']}")
   report = {"machine": machine, "peers": peers, "sngd_options": SNGD_OPTIONS,
             "versions": {p: importlib.metadata.version(p) for p in
                          ("jax", "optax", "flax", "sngd-jax")},
