@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import jax
 import numpy as np
@@ -24,6 +25,8 @@ def test_bench_smoke_writes_tables_plots_and_json(tmp_path, capsys):
               "--optimizers", *bench.OPTIMIZERS,
               "--sngd-variants", "kl_clip=1.0,stats_every=2"])
   report = json.loads((tmp_path / "results.json").read_text())
+  # The OpenBLAS threads (one, unless the environment set them) are reported.
+  assert f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}" in report["machine"]
   runs = report["tasks"]["mnist1d-mlp"]["runs"]
   # AdamW runs only on the tasks that name it (the language model).
   expected = {*bench.OPTIMIZERS} - {"adamw"}
