@@ -1,5 +1,8 @@
 # Two entry points: `make demo` (the benchmark on offline data) and `make test`.
 PYTHON ?= python3
+# JAX's LAPACK calls on CPU (SNGD's refreshes) run in scipy's OpenBLAS: one
+# thread keeps it from competing with XLA's threads (README, Scale).
+export OPENBLAS_NUM_THREADS ?= 1
 VENV := .venv
 STAMP := $(VENV)/.installed
 
