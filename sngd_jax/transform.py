@@ -640,11 +640,6 @@ def scale_by_sngd(
       return "expand" if fisher.SCANNED in entry else "reduce"
     return mode
 
-  def positions(path, entry):  # the positions per example its statistic takes
-    if auto_positions:
-      return AUTO_STATS_POSITIONS[sharing(path, entry)]
-    return stats_positions
-
   def clip_weight(path, entry):
     if (_resolve(weight_sharing, path, "auto") == "auto"
         and sharing(path, entry) == "expand" and "inputs" in entry):
@@ -763,7 +758,9 @@ def scale_by_sngd(
       for index, (path, layer) in enumerate(active.items()):
         entry = entries[path]
         with jax.named_scope(f"sngd/{path}"):
-          limit = positions(path, entry)
+          mode = sharing(path, entry)
+          limit = (AUTO_STATS_POSITIONS[mode] if auto_positions
+                   else stats_positions)
           if limit is not None:
             sampled = fisher.sampled_positions(
                 entry, limit, jax.random.fold_in(step_key, index))
@@ -771,7 +768,7 @@ def scale_by_sngd(
             sampled = entry
           out[path], fault = _statistic_ema(
               layer, sampled, entry, state.stats[path], ema_decay,
-              sharing(path, entry) == "reduce", axis_name)
+              mode == "reduce", axis_name)
         faults += fault.astype(jnp.int32)
       return out, faults
 
