@@ -137,10 +137,25 @@ def _unit_shift(stats, damping):
       jax.vmap(linalg.largest_eigenvalue)(stats)))
 
 
+# jaxlib 0.10.2 on CPU splits a batched factorization above ~2e5 FLOPs over
+# the intra-op threads that also run the program; two at once (two layers'
+# conds) can leave no thread to work, and the step hangs. Per-unit blocks are
+# factored in batches below that.
+_SPLIT_FLOPS = 2e5
+
+
+def _per_unit(function, *blocks):
+  """``jax.vmap(function)(*blocks)`` over the units (leading axis), in batches
+  whose Cholesky stays under the split (``n^3 / 3`` FLOPs a block)."""
+  n = blocks[0].shape[-1]
+  batch = max(1, int(3 * _SPLIT_FLOPS // n ** 3))
+  return jax.lax.map(lambda args: function(*args), blocks, batch_size=batch)
+
+
 def _vmapped_inverse(stats, shift, solver):
-  """Inverts per-unit blocks ``(units, n, n)``, each shifted, in one batched vmap."""
+  """Inverts per-unit blocks ``(units, n, n)``, each shifted, in batches."""
   eye = jnp.eye(stats.shape[-1], dtype=stats.dtype)
-  return jax.vmap(lambda g: linalg.inverse(g + shift * eye, solver))(stats)
+  return _per_unit(lambda g: linalg.inverse(g + shift * eye, solver), stats)
 
 
 # The key of an activations entry recorded inside a scan (a recurrent cell,
@@ -397,8 +412,8 @@ class _UnitBlocks(_Block):
     return jnp.einsum("jik,kj->ij", precond, g)
 
   def metric_matrix(self, precond, m):
-    return jnp.sum(jax.vmap(lambda p, column: jnp.vdot(
-        column, linalg.cholesky_inverse(p, column[:, None])))(precond, m.T))
+    return jnp.sum(_per_unit(lambda p, column: jnp.vdot(
+        column, linalg.cholesky_inverse(p, column[:, None])), precond, m.T))
 
 
 @dataclasses.dataclass(frozen=True)

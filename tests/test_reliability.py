@@ -1,5 +1,9 @@
 """Numerical faults never corrupt the state; checkpoints and seeds reproduce runs."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -198,3 +202,36 @@ def test_near_singular_block_is_cured_by_more_damping():
   expected = np.linalg.inv(g + 1e-3 * np.trace(g) / 4 * np.eye(4))
   np.testing.assert_allclose(new.preconditioners["dense"], expected, rtol=2e-2)
   assert not np.array_equal(new.preconditioners["dense"], state.preconditioners["dense"])
+
+
+# Six layers of 32 sigmoid units with the per-unit kind and momentum: their
+# batched Cholesky factorizations (refresh, then the momentum's remeasure)
+# hung the first step on a 2-core CPU when jaxlib split each over the
+# threads running the program (jax 0.10.2). Run apart, so a hang fails.
+_PER_UNIT_STEP = """
+import jax, jax.numpy as jnp, optax, sngd_jax
+from helpers import blobs, loss_and_acts, mlp_params
+params = mlp_params(jax.random.PRNGKey(0), [8] + [32] * 6 + [3], jnp.float32)
+x, labels = blobs(jax.random.PRNGKey(1), n=32, d=8, classes=3, dtype=jnp.float32)
+tx = sngd_jax.sngd(0.1, momentum=0.9, layer_fisher="sigmoid")
+state = tx.init(params)
+
+@jax.jit
+def step(params, state):
+  (_, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(params, x, labels)
+  updates, state = tx.update(grads, state, params, activations=acts)
+  return optax.apply_updates(params, updates), state
+
+params, state = step(params, state)
+assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
+print("done")
+"""
+
+
+def test_per_unit_blocks_with_momentum_do_not_hang_the_step():
+  here = os.path.dirname(__file__)
+  env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  result = subprocess.run([sys.executable, "-c", _PER_UNIT_STEP], cwd=here, env=env,
+                          capture_output=True, text=True, timeout=180)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "done" in result.stdout
