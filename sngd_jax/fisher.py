@@ -152,7 +152,7 @@ def _per_unit(function, *blocks):
   return jax.lax.map(lambda args: function(*args), blocks, batch_size=batch)
 
 
-def _vmapped_inverse(stats, shift, solver):
+def _unit_inverses(stats, shift, solver):
   """Inverts per-unit blocks ``(units, n, n)``, each shifted, in batches."""
   eye = jnp.eye(stats.shape[-1], dtype=stats.dtype)
   return _per_unit(lambda g: linalg.inverse(g + shift * eye, solver), stats)
@@ -397,14 +397,14 @@ class _UnitBlocks(_Block):
         jnp.eye(self.n, dtype=dtype), (self.d_out, self.n, self.n))
 
   def refresh(self, stats, damping, solver):
-    return _vmapped_inverse(stats, _unit_shift(stats, damping), solver)
+    return _unit_inverses(stats, _unit_shift(stats, damping), solver)
 
   def refresh_part(self, stats, damping, solver, axis):
     # Each device inverts its units' blocks (past the last unit: identities).
     shift = _unit_shift(stats, damping)
     mine, index, per = split.my_rows(
         stats, axis, fill=jnp.eye(self.n, dtype=stats.dtype))
-    return split.assemble(_vmapped_inverse(mine, shift, solver), axis, index,
+    return split.assemble(_unit_inverses(mine, shift, solver), axis, index,
                           per, self.d_out, dim=0)
 
   def apply_matrix(self, precond, g):
