@@ -140,22 +140,39 @@ def _unit_shift(stats, damping):
 # jaxlib 0.10.2 on CPU splits a batched factorization above ~2e5 FLOPs over
 # the intra-op threads that also run the program; two at once (two layers'
 # conds) can leave no thread to work, and the step hangs. Per-unit blocks are
-# factored in batches below that.
+# factored in batches below that, and under an outer vmap (models, seeds)
+# one model at a time, since vmap would multiply each batch by the models.
 _SPLIT_FLOPS = 2e5
 
 
-def _per_unit(function, *blocks):
-  """``jax.vmap(function)(*blocks)`` over the units (leading axis), in batches
+def _per_unit(function, blocks, *shared):
+  """``jax.vmap(function)(*blocks, *shared)`` over the units (the leading
+  axis of each of ``blocks``; ``shared`` go whole to every unit), in batches
   whose Cholesky stays under the split (``n^3 / 3`` FLOPs a block)."""
   n = blocks[0].shape[-1]
   batch = max(1, int(3 * _SPLIT_FLOPS // n ** 3))
-  return jax.lax.map(lambda args: function(*args), blocks, batch_size=batch)
+
+  @jax.custom_batching.custom_vmap
+  def in_batches(blocks, shared):
+    return jax.lax.map(lambda unit: function(*unit, *shared), blocks,
+                       batch_size=batch)
+
+  @in_batches.def_vmap
+  def one_model_at_a_time(axis_size, in_batched, blocks, shared):
+    def batched(x, is_batched):
+      return x if is_batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+
+    args = jax.tree.map(batched, (blocks, shared), tuple(in_batched))
+    out = jax.lax.map(lambda model: in_batches(*model), args)
+    return out, jax.tree.map(lambda _: True, out)
+
+  return in_batches(tuple(blocks), tuple(shared))
 
 
 def _unit_inverses(stats, shift, solver):
   """Inverts per-unit blocks ``(units, n, n)``, each shifted, in batches."""
-  eye = jnp.eye(stats.shape[-1], dtype=stats.dtype)
-  return _per_unit(lambda g: linalg.inverse(g + shift * eye, solver), stats)
+  return _per_unit(lambda g, shift: linalg.inverse(
+      g + shift * jnp.eye(g.shape[-1], dtype=g.dtype), solver), (stats,), shift)
 
 
 # The key of an activations entry recorded inside a scan (a recurrent cell,
@@ -387,7 +404,7 @@ class NystromLinear(_Block):
 
 @dataclasses.dataclass(frozen=True)
 class _UnitBlocks(_Block):
-  """A ``(n, n)`` block per output unit, inverted in one batched vmap."""
+  """A ``(n, n)`` block per output unit, inverted in batches (``_per_unit``)."""
 
   n: int
   d_out: int
@@ -413,7 +430,7 @@ class _UnitBlocks(_Block):
 
   def metric_matrix(self, precond, m):
     return jnp.sum(_per_unit(lambda p, column: jnp.vdot(
-        column, linalg.cholesky_inverse(p, column[:, None])), precond, m.T))
+        column, linalg.cholesky_inverse(p, column[:, None])), (precond, m.T)))
 
 
 @dataclasses.dataclass(frozen=True)
