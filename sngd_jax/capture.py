@@ -346,6 +346,10 @@ def _entry(kind, layer, x, y, scale=None, bias=None, einsum_str=None):
   """The activations entry of one call, or None if the layer is unsupported."""
   if kind == "dense":
     return {"inputs": x, "outputs": y}
+  if kind == "dense_params":  # linen's DenseParams returns (kernel, bias)
+    kernel, bias = y
+    h = jnp.dot(x, kernel)  # dead code, dropped by XLA, unless a kind reads it
+    return {"inputs": x, "outputs": h if bias is None else h + bias}
   if kind == "einsum":
     return _einsum_entry(x, y, einsum_str or layer.einsum_str)
   if kind == "general":
@@ -677,8 +681,9 @@ def nnx_capture(model, *args, **kwargs) -> tuple[Any, dict]:
 
 def _linen_kinds():
   from flax import linen as nn
+  from flax.linen.recurrent import DenseParams  # OptimizedLSTMCell's gates
   return {nn.Dense: "dense", nn.DenseGeneral: "general", nn.Einsum: "einsum",
-          nn.Conv: "conv",
+          DenseParams: "dense_params", nn.Conv: "conv",
           nn.Embed: "embed", nn.LayerNorm: "norm", nn.BatchNorm: "norm",
           nn.GroupNorm: "norm", nn.RMSNorm: "norm"}
 

@@ -407,16 +407,19 @@ def test_nnx_rnn_cells_are_captured_inside_the_scan(cell_class):
   assert_same_rows_per_step(acts, ref, steps=6)
 
 
-def test_linen_rnn_and_scan_cells_are_captured_inside_the_scan():
+# OptimizedLSTMCell: the LSTMCell's parameters, its gates' kernels made by
+# DenseParams modules and applied concatenated; captured as the same layers.
+@pytest.mark.parametrize("cell_class", [nn.LSTMCell, nn.OptimizedLSTMCell])
+def test_linen_rnn_and_scan_cells_are_captured_inside_the_scan(cell_class):
   x = jax.random.normal(jax.random.PRNGKey(1), (4, 6, 3), jnp.float64)
 
   class Scanned(nn.Module):
     @nn.compact
     def __call__(self, x):
-      h = nn.RNN(nn.LSTMCell(5, param_dtype=jnp.float64))(x)
+      h = nn.RNN(cell_class(5, param_dtype=jnp.float64, name="LSTMCell_0"))(x)
       return nn.Dense(2, param_dtype=jnp.float64)(h[:, -1])
 
-  class Python(nn.Module):  # The same parameters, the cell unrolled.
+  class Python(nn.Module):  # The same parameters, an LSTMCell unrolled.
     @nn.compact
     def __call__(self, x):
       cell = nn.LSTMCell(5, param_dtype=jnp.float64)
