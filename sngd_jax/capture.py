@@ -14,10 +14,12 @@ What each layer records (the transform reads ``inputs``/``outputs``):
 | LinearGeneral / DenseGeneral (trailing input axes, any output axes: attention's q/k/v/out) | ``x`` with its input axes flattened | ``h`` with its output axes flattened |
 | Einsum as a dense map (``"btd,dnh->btnh"``: contracts trailing input axes, output axes last) | ``x`` with the contracted axes flattened | ``h`` flattened likewise |
 | Conv (strides, any padding, kernel and input dilation) | im2col patches ``(..., kh*kw*C_in)``, built lazily (``ConvInputs``) | ``h`` |
+| ConvTranspose (SAME, VALID or explicit pads; not ``transpose_kernel``) | the patches of the input dilated by the strides (a stride-1 conv) | ``h`` |
+| linen's ``DenseParams`` (``OptimizedLSTMCell``'s gates) | ``x`` | ``x W + b`` (unused by ``linear``: XLA drops it) |
 | Conv with ``feature_group_count = G > 1`` (depthwise too) | patches ``(..., G, kh*kw*C_in/G)``: one block shared by the groups | none (``linear`` kind only) |
 | Embed                                | token ids                                      | none                 |
 | Embed.attend (a tied output layer)   | ``attend``: the hidden states ``h`` it multiplies | none              |
-| LayerNorm, BatchNorm, GroupNorm, RMSNorm | ``xhat = (y - bias) / scale`` (the normalized input), feature axes last and flattened | none |
+| LayerNorm, BatchNorm, GroupNorm, RMSNorm, InstanceNorm | ``xhat = (y - bias) / scale`` (the normalized input), feature axes last and flattened | none |
 
 Cells inside ``nnx.RNN``, ``nn.RNN``, ``nn.scan`` or any ``jax.lax.scan`` are
 captured at every step, and layers inside ``nnx.remat``, ``nn.remat`` or
@@ -90,6 +92,25 @@ def _pads(padding, reach, sizes, strides):
   return (pads, "constant") if len(pads) == len(reach) else None
 
 
+def _transpose_pads(padding, reach, strides):
+  """The pads of a ConvTranspose's dilated input, as ``lax.conv_transpose``
+  sets them from Flax's padding; None for CIRCULAR (Flax wraps the output)."""
+  if isinstance(padding, int):
+    return [(padding, padding)] * len(reach)
+  if not isinstance(padding, str):
+    pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+    return pads if len(pads) == len(reach) else None
+  name = padding.upper()
+  if name not in ("SAME", "VALID"):
+    return None
+  pads = []
+  for r, s in zip(reach, strides):
+    total = r + s - 2 + (max(r - s, 0) if name == "VALID" else 0)
+    low = r - 1 if name == "VALID" or s > r - 1 else math.ceil(total / 2)
+    pads.append((low, total - low))
+  return pads
+
+
 def _tuple(value, spatial):
   if value is None:
     return (1,) * spatial
@@ -125,6 +146,15 @@ class _ConvGeometry:
     strides = _tuple(layer.strides, spatial)
     dilation = _tuple(layer.kernel_dilation, spatial)
     reach = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
+    if hasattr(layer, "transpose_kernel"):
+      # ConvTranspose: a stride-1 convolution of its input dilated by the
+      # strides (lax.conv_transpose); a transposed kernel is also flipped.
+      pads = _transpose_pads(layer.padding, reach, strides)
+      if layer.transpose_kernel or pads is None:
+        return None
+      return cls(kernel_size, (1,) * spatial, dilation, strides,
+                 tuple((int(low), int(high)) for low, high in pads),
+                 "constant", 1)
     padding = _pads(layer.padding, reach, shape[-(spatial + 1):-1], strides)
     if padding is None:
       return None
@@ -597,9 +627,9 @@ def _call_einsum_str(args, kwargs):
 def _nnx_kinds():
   from flax import nnx
   return {nnx.Linear: "dense", nnx.LinearGeneral: "general",
-          nnx.Einsum: "einsum", nnx.Conv: "conv",
+          nnx.Einsum: "einsum", nnx.Conv: "conv", nnx.ConvTranspose: "conv",
           nnx.Embed: "embed", nnx.LayerNorm: "norm", nnx.BatchNorm: "norm",
-          nnx.GroupNorm: "norm", nnx.RMSNorm: "norm"}
+          nnx.GroupNorm: "norm", nnx.RMSNorm: "norm", nnx.InstanceNorm: "norm"}
 
 
 def _nnx_value(variable):
@@ -683,9 +713,9 @@ def _linen_kinds():
   from flax import linen as nn
   from flax.linen.recurrent import DenseParams  # OptimizedLSTMCell's gates
   return {nn.Dense: "dense", nn.DenseGeneral: "general", nn.Einsum: "einsum",
-          DenseParams: "dense_params", nn.Conv: "conv",
+          DenseParams: "dense_params", nn.Conv: "conv", nn.ConvTranspose: "conv",
           nn.Embed: "embed", nn.LayerNorm: "norm", nn.BatchNorm: "norm",
-          nn.GroupNorm: "norm", nn.RMSNorm: "norm"}
+          nn.GroupNorm: "norm", nn.RMSNorm: "norm", nn.InstanceNorm: "norm"}
 
 
 def linen_capture(module, variables, *args, **kwargs) -> tuple[Any, dict]:

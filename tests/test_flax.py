@@ -72,6 +72,21 @@ def test_conv_patches_reproduce_the_convolution(strides, padding, dilation,
   np.testing.assert_array_equal(sampled["outputs"], y.reshape(2, -1, 5)[:, kept])
 
 
+# ConvTranspose: a stride-1 convolution of the input dilated by the strides.
+@pytest.mark.parametrize("strides,padding,dilation", [
+    (2, "SAME", 1), (2, "VALID", 1), ((2, 3), "SAME", 1), (1, "SAME", 2),
+    ((3, 1), "VALID", (1, 2)), (2, [(1, 2), (0, 1)], 1), (2, 1, 1)])
+def test_conv_transpose_patches_reproduce_it(strides, padding, dilation):
+  conv = nnx.ConvTranspose(3, 5, (3, 2), strides=strides, padding=padding,
+                           kernel_dilation=dilation, rngs=nnx.Rngs(0),
+                           param_dtype=jnp.float64)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 4, 3), jnp.float64)
+  y, acts = sngd_jax.nnx_capture(conv, x)
+  patches = acts["inputs"].materialize()
+  np.testing.assert_allclose(
+      patches @ conv.kernel[...].reshape(-1, 5) + conv.bias[...], y, atol=1e-12)
+
+
 def test_conv_1d_and_causal():
   conv = nnx.Conv(2, 4, 3, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
   x = jnp.ones((3, 10, 2), jnp.float64)

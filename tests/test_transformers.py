@@ -223,6 +223,8 @@ def test_an_untracked_use_of_a_table_gets_the_plain_gradient():
     lambda: nnx.BatchNorm(3, axis=1, rngs=nnx.Rngs(0), param_dtype=jnp.float64),
     lambda: nnx.LayerNorm(3, reduction_axes=1, feature_axes=1, rngs=nnx.Rngs(0),
                           param_dtype=jnp.float64),
+    lambda: nnx.InstanceNorm(3, feature_axes=1, rngs=nnx.Rngs(0),
+                             param_dtype=jnp.float64),
 ])
 def test_norms_over_a_channel_axis_that_is_not_last(make):
   norm = make()
