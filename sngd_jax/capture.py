@@ -16,6 +16,7 @@ What each layer records (the transform reads ``inputs``/``outputs``):
 | Conv (strides, any padding, kernel and input dilation) | im2col patches ``(..., kh*kw*C_in)``, built lazily (``ConvInputs``) | ``h`` |
 | ConvTranspose (SAME, VALID or explicit pads; not ``transpose_kernel``) | the patches of the input dilated by the strides (a stride-1 conv) | ``h`` |
 | linen's ``DenseParams`` (``OptimizedLSTMCell``'s gates) | ``x`` | ``x W + b`` (unused by ``linear``: XLA drops it) |
+| ``nnx.LoRA`` (two layers, recorded under ``lora_a`` and ``lora_b``) | ``x``; ``x A`` | ``x A``; ``x A B`` |
 | Conv with ``feature_group_count = G > 1`` (depthwise too) | patches ``(..., G, kh*kw*C_in/G)``: one block shared by the groups | none (``linear`` kind only) |
 | Embed                                | token ids                                      | none                 |
 | Embed.attend (a tied output layer)   | ``attend``: the hidden states ``h`` it multiplies | none              |
@@ -432,14 +433,15 @@ def _merge(entries: list[dict]) -> dict:
 
 def _nest(flat: dict[tuple, dict]) -> dict:
   """``{("a", "0"): entry}`` -> ``{"a": {"0": entry}}`` (keys as the params have them)."""
-  if () in flat:  # The model itself is a captured layer.
-    return flat[()]
-  tree: dict = {}
+  tree: dict = dict(flat.get((), {}))  # the model itself may be a layer
   for path, entry in flat.items():
+    if not path:
+      continue
     node = tree
     for key in path[:-1]:
       node = node.setdefault(key, {})
-    node[path[-1]] = entry
+    # A layer inside a layer (a LoRALinear's lora) nests in its entry.
+    node[path[-1]] = {**node.get(path[-1], {}), **entry}
   return tree
 
 
@@ -629,7 +631,8 @@ def _nnx_kinds():
   return {nnx.Linear: "dense", nnx.LinearGeneral: "general",
           nnx.Einsum: "einsum", nnx.Conv: "conv", nnx.ConvTranspose: "conv",
           nnx.Embed: "embed", nnx.LayerNorm: "norm", nnx.BatchNorm: "norm",
-          nnx.GroupNorm: "norm", nnx.RMSNorm: "norm", nnx.InstanceNorm: "norm"}
+          nnx.GroupNorm: "norm", nnx.RMSNorm: "norm", nnx.InstanceNorm: "norm",
+          nnx.LoRA: "lora"}
 
 
 def _nnx_value(variable):
@@ -644,6 +647,20 @@ def _nnx_ref(module):
   return None
 
 
+def _nnx_keys(module) -> list[tuple[tuple[str, ...], _Ref]]:
+  """Where a module's records go: ``(path suffix, key)`` for each of its layers.
+
+  ``nnx.LoRA`` is two dense layers without a bias, ``x -> x A -> x A B``,
+  recorded under its factors' names (``plan_layers`` makes each a layer).
+  """
+  from flax import nnx
+  if isinstance(module, nnx.LoRA):
+    return [((name,), _Ref(getattr(module, name).get_value()))
+            for name in ("lora_a", "lora_b")]
+  key = _nnx_ref(module)
+  return [] if key is None else [((), key)]
+
+
 @contextlib.contextmanager
 def _patched_nnx_calls():
   """Wraps ``__call__`` of the NNX layer classes for the duration of a trace."""
@@ -656,6 +673,12 @@ def _patched_nnx_calls():
   def wrap(kind, original):
     def call(self, x, *args, **kwargs):
       y = original(self, x, *args, **kwargs)
+      if kind == "lora":
+        (_, key_a), (_, key_b) = _nnx_keys(self)
+        h = jnp.dot(x, key_a.value)
+        _record(key_a, {"inputs": x, "outputs": h})
+        _record(key_b, {"inputs": h, "outputs": jnp.dot(h, key_b.value)})
+        return y
       key = _nnx_ref(self)
       if key is not None:
         _record(key, _entry(kind, self, x, y,
@@ -699,9 +722,9 @@ def nnx_capture(model, *args, **kwargs) -> tuple[Any, dict]:
     output = model(*args, **kwargs)
   flat = {}
   for path, module in nnx.iter_modules(model):
-    key = _nnx_ref(module)
-    if key in record and tuple(path) not in flat:
-      flat[tuple(path)] = _merge(record[key])
+    for suffix, key in _nnx_keys(module):
+      if key in record and tuple(path) + suffix not in flat:
+        flat[tuple(path) + suffix] = _merge(record[key])
   return output, _nest(flat)
 
 
@@ -763,6 +786,4 @@ def linen_capture(module, variables, *args, **kwargs) -> tuple[Any, dict]:
   with _capturing() as record, nn.intercept_methods(interceptor):
     output = module.apply(variables, *args, **kwargs)
   flat = {path: _merge(entries) for path, entries in record.items()}
-  if () in flat:  # The module itself is a captured layer.
-    return output, flat[()]
   return output, _nest(flat)

@@ -180,15 +180,18 @@ def plan_layers(tree, layer_fisher, nystrom, output_axes=None):
   table, or of ``scale``/``bias`` without a kernel (normalization layers).
 
   Returns:
-    ``(layers, passthrough, ignored)``: the layers; the paths of the leaves
-    that belong to none and pass through unchanged; whether a module path's
-    activations are ignored (``layer_fisher`` maps it to ``"none"``, or
-    another transform owns it under ``optax.masked``/``multi_transform``).
+    ``(layers, passthrough)``: the layers (none where ``layer_fisher`` maps a
+    module to ``"none"``, or another transform owns it under
+    ``optax.masked``/``multi_transform``); the paths of the leaves that belong
+    to none and pass through unchanged.
   """
   leaves_with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
   modules: dict[tuple[str, ...], dict[str, tuple[int, Any]]] = {}
   for index, (path, leaf) in enumerate(leaves_with_path):
     names = path_tuple(path)
+    if names[-1:] in (("lora_a",), ("lora_b",)):  # nnx.LoRA: two dense layers
+      modules[names] = {"kernel": (index, leaf)}
+      continue
     modules.setdefault(names[:-1], {})[names[-1] if names else ""] = (index, leaf)
   # Under optax.masked / multi_transform what another transform owns is a
   # MaskedNode: a whole subtree (a module or more) or one leaf of a module.
@@ -196,27 +199,18 @@ def plan_layers(tree, layer_fisher, nystrom, output_axes=None):
             jax.tree_util.tree_flatten_with_path(
                 tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
             if isinstance(leaf, optax.MaskedNode)]
-  opted_out: set[tuple[str, ...]] = set()
-
-  def ignored(path: str) -> bool:
-    names = tuple(path.split("/")) if path else ()
-    return names in opted_out or any(
-        names[:len(m)] == m or names == m[:-1] for m in masked)
-
   layers, claimed = [], set()
   for module_path, children in modules.items():
-    path = path_str(module_path)
-    if ignored(path):
+    if any(module_path[:len(m)] == m or module_path == m[:-1] for m in masked):
       continue  # partly masked: its other leaves get the plain gradient
-    layer = _module_layer(path, children, layer_fisher, nystrom, output_axes)
-    if layer is None:
-      opted_out.add(module_path)
-    else:
+    layer = _module_layer(path_str(module_path), children, layer_fisher,
+                          nystrom, output_axes)
+    if layer is not None:
       layers.append(layer)
       claimed.update(index for index, _, _ in layer.leaves)
   passthrough = [path_str(path_tuple(p)) for i, (p, _) in
                  enumerate(leaves_with_path) if i not in claimed]
-  return layers, passthrough, ignored
+  return layers, passthrough
 
 
 def _module_layer(path, children, layer_fisher, nystrom, output_axes):
@@ -277,17 +271,26 @@ def _is_entry(x) -> bool:
   return isinstance(x, Mapping) and ("inputs" in x or "attend" in x)
 
 
-def flatten_activations(activations) -> dict[str, Mapping]:
-  """``{layer path: {"inputs": x, "outputs": h}}`` from a nested activations tree."""
-  flat = {}
+_ENTRY_KEYS = ("inputs", "outputs", "attend", fisher.SCANNED)
+
+
+def flatten_activations(activations, prefix=()) -> dict[str, Mapping]:
+  """``{layer path: {"inputs": x, "outputs": h}}`` from a nested activations
+  tree. An entry's other keys are the layers inside that layer (a
+  ``LoRALinear``'s ``lora``)."""
+  flat: dict[str, Mapping] = {}
   for path, entry in jax.tree_util.tree_flatten_with_path(
       activations, is_leaf=_is_entry)[0]:
-    names = path_str(path_tuple(path))
+    names = prefix + path_tuple(path)
     if not _is_entry(entry):
       raise ValueError(
-          f"activations at {names!r} must be a dict with 'inputs' (and "
-          f"'outputs'; an embedding's 'attend'), got {type(entry).__name__}")
-    flat[names] = entry
+          f"activations at {path_str(names)!r} must be a dict with 'inputs' "
+          f"(and 'outputs'; an embedding's 'attend'), got "
+          f"{type(entry).__name__}")
+    flat[path_str(names)] = {k: v for k, v in entry.items() if k in _ENTRY_KEYS}
+    inner = {k: v for k, v in entry.items() if k not in _ENTRY_KEYS}
+    if inner:
+      flat.update(flatten_activations(inner, names))
   return flat
 
 
@@ -673,7 +676,7 @@ def scale_by_sngd(
     return _inline_or_compiled(init, compiled_init, params)
 
   def init(params):
-    layers, _, _ = plan(params)
+    layers, _ = plan(params)
     leaves = jax.tree.leaves(params)
     stats, preconditioners, output_stats, output_factors = {}, {}, {}, {}
     for layer in layers:
@@ -715,23 +718,26 @@ def scale_by_sngd(
       raise ValueError("scale_by_sngd needs activations=...: the inputs and "
                        "outputs of each layer in this forward pass "
                        "(sngd_jax.nnx_capture / linen_capture build them)")
-    layers, passthrough, ignored = plan(updates)
+    layers, passthrough = plan(updates)
     by_path = {layer.path: layer for layer in layers}
-    entries = {path: entry for path, entry in
-               flatten_activations(activations).items()
-               if not ignored(path)}
-    for path in entries:
-      if path not in by_path:
-        raise ValueError(f"activations has an entry at {path!r} but params "
-                         f"have no preconditioned layer there; layers: "
-                         f"{sorted(by_path)}")
-    unused = [f"{layer.path}/{name}" if layer.path else name
-              for layer in layers if layer.path not in entries
-              for _, name, _ in layer.leaves]
+    # Entries of layers without trainable parameters here (frozen by the
+    # optimizer's filter, masked, opted out) are not used; a layer whose
+    # entry is missing or misnamed is named in the warning below.
+    captured = flatten_activations(activations)
+    entries = {path: entry for path, entry in captured.items()
+               if path in by_path}
+    leaf_paths = [path_str(path_tuple(path)) for path, _ in
+                  jax.tree_util.tree_flatten_with_path(updates)[0]]
+    unused = [leaf_paths[index] for layer in layers
+              if layer.path not in entries for index, _, _ in layer.leaves]
     if passthrough or unused:
+      others = sorted(set(captured) - set(entries))
       warnings.warn("sngd: these parameters get the plain gradient (no "
                     f"activations or no local Fisher for them): "
-                    f"{sorted(passthrough + unused)}",
+                    f"{sorted(passthrough + unused)}" + (
+                        "; activations has entries that no layer here "
+                        f"takes (frozen, masked or misnamed): {others}"
+                        if others and unused else ""),
                     stacklevel=_user_stacklevel())
     for path, entry in entries.items():
       _check_entry(by_path[path], entry)

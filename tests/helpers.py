@@ -92,7 +92,7 @@ def every_block_kind(units="relu", norms=1, exact=1, unseen_rows=False):
             "head": dense(6, 5), "units": dense(6, 7),
             **{f"exact{i}": dense(9, 4) for i in range(exact)},
             "wide": dense(40, 3)}
-  layers, _, _ = sngd_jax.transform.plan_layers(
+  layers, _ = sngd_jax.transform.plan_layers(
       params, {"head": "softmax", "units": units, "*": "linear"},
       sngd_jax.Nystrom(rank=8, min_dim=32))
   key = jax.random.PRNGKey(0)

@@ -303,7 +303,7 @@ stage("refresh FLOPs")
 sizes = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
 ae = {f"l{i}": {"kernel": jnp.zeros((a, b)), "bias": jnp.zeros(b)}
       for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
-ae_layers, _, _ = transform.plan_layers(ae, "linear", sngd_jax.Nystrom())
+ae_layers, _ = transform.plan_layers(ae, "linear", sngd_jax.Nystrom())
 ae_stats = {layer.path: layer.block.init(jnp.float32) for layer in ae_layers}
 one = jax.jit(lambda s: flops.refresh({}, ae_layers, s)).lower(ae_stats).compile()
 with jax.set_mesh(mesh):

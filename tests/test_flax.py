@@ -1,5 +1,7 @@
 """Flax NNX and linen models train with SNGD without rewriting them."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,6 +87,53 @@ def test_conv_transpose_patches_reproduce_it(strides, padding, dilation):
   patches = acts["inputs"].materialize()
   np.testing.assert_allclose(
       patches @ conv.kernel[...].reshape(-1, 5) + conv.bias[...], y, atol=1e-12)
+
+
+class TwoLinear(nnx.Module):
+  """``x A B + offset`` with two bias-free dense layers: nnx.LoRA's reference."""
+
+  def __init__(self, a, b, offset):
+    self.a = nnx.Linear(*a.shape, use_bias=False, rngs=nnx.Rngs(0),
+                        param_dtype=jnp.float64)
+    self.b = nnx.Linear(*b.shape, use_bias=False, rngs=nnx.Rngs(0),
+                        param_dtype=jnp.float64)
+    self.a.kernel[...], self.b.kernel[...] = a, b
+    self.offset = nnx.Variable(offset)  # not a Param: no gradient
+
+  def __call__(self, x):
+    return self.b(self.a(x)) + self.offset[...]
+
+
+@pytest.mark.parametrize("inside_linear", [False, True])
+def test_lora_factors_are_two_dense_layers(inside_linear):
+  rngs = nnx.Rngs(0)
+  if inside_linear:  # LoRALinear: a Linear (itself a layer) holding a LoRA
+    model = nnx.LoRALinear(6, 4, lora_rank=2, rngs=rngs, param_dtype=jnp.float64,
+                           lora_param_dtype=jnp.float64)
+    lora = model.lora
+  else:
+    model = lora = nnx.LoRA(6, 2, 4, rngs=rngs, param_dtype=jnp.float64)
+  lora.lora_b[...] = jax.random.normal(jax.random.PRNGKey(2), (2, 4), jnp.float64)
+  x = jax.random.normal(jax.random.PRNGKey(1), (16, 6), jnp.float64)
+  acts, params, grads = captured_gradients(model, x)
+  updates = one_update(params, grads, acts)
+  base = (x @ model.kernel[...] + model.bias[...] if inside_linear
+          else jnp.zeros((16, 4), jnp.float64))
+  reference = TwoLinear(lora.lora_a[...], lora.lora_b[...], base)
+  ref_acts, ref_params, ref_grads = captured_gradients(reference, x)
+  expected = one_update(ref_params, ref_grads, ref_acts)
+  got = updates["lora"] if inside_linear else updates
+  np.testing.assert_allclose(got["lora_a"], expected["a"]["kernel"], rtol=1e-10)
+  np.testing.assert_allclose(got["lora_b"], expected["b"]["kernel"], rtol=1e-10)
+  # The factors' blocks are their own, not the plain gradient.
+  assert not np.allclose(got["lora_a"], grads["lora"]["lora_a"] if inside_linear
+                         else grads["lora_a"])
+  if inside_linear:  # fine-tuning the LoRA alone: the Linear is not in params
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")  # its entry is unused, without a warning
+      alone = one_update({"lora": params["lora"]}, {"lora": grads["lora"]}, acts)
+    np.testing.assert_allclose(alone["lora"]["lora_a"], got["lora_a"], rtol=1e-12)
+    np.testing.assert_allclose(alone["lora"]["lora_b"], got["lora_b"], rtol=1e-12)
 
 
 def test_conv_1d_and_causal():
@@ -303,14 +352,17 @@ def test_module_used_twice_averages_over_both_uses_and_paths_nest():
                              rtol=1e-9, atol=1e-12)
 
 
-def test_activations_for_a_missing_layer_name_the_path():
+def test_activations_of_a_layer_without_trainable_params_are_unused():
+  # A frozen layer (an nnx.Optimizer's wrt filter leaves it out) has an entry.
   model = Shared(nnx.Rngs(0))
   _, acts = sngd_jax.nnx_capture(model, jnp.ones((2, 3), jnp.float64))
-  acts["blocks"][2] = acts["blocks"][1]
-  optimizer = nnx.Optimizer(model, sngd_jax.sngd(0.1), wrt=nnx.Param)
-  grads = nnx.state(model, nnx.Param)
-  with pytest.raises(ValueError, match="'blocks/2'"):
-    optimizer.update(model, grads, activations=acts)
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  grads = jax.tree.map(jnp.ones_like, params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no plain-gradient warning either
+    extra = one_update(params, grads, {**acts, "frozen": acts["blocks"][1]})
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12),
+               extra, one_update(params, grads, acts))
 
 
 def test_nnx_cnn_trains_under_nnx_jit():

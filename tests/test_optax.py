@@ -304,10 +304,10 @@ def test_multi_transform_and_masked_take_the_full_activations():
   updates, _ = masked.update(grads, masked.init(params), params,
                              activations=acts)
   assert_tree_close(updates["layer0"], expected["layer0"], rtol=1e-6)
-  # A typo'd path still raises, naming it.
-  with pytest.raises(ValueError, match="'layer9'"):
+  # A misnamed entry leaves its layer plain, and the warning names both.
+  with pytest.warns(UserWarning, match=r"layer0/kernel.*'layer9'"):
     masked.update(grads, masked.init(params), params,
-                  activations={**acts, "layer9": acts["layer0"]})
+                  activations={"layer9": acts["layer0"], "layer1": acts["layer1"]})
 
 
 def test_inject_hyperparams_rounding_options_fail_with_advice_and_no_buffers():

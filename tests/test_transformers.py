@@ -103,7 +103,7 @@ def test_minigpt_trains_with_every_parameter_preconditioned():
     losses = [float(step(model, optimizer)) for _ in range(30)]
   state = optimizer.opt_state[0]
   params = nnx.as_pure(nnx.state(model, nnx.Param))
-  layers, passthrough, _ = sngd_jax.transform.plan_layers(params, "linear", None)
+  layers, passthrough = sngd_jax.transform.plan_layers(params, "linear", None)
   assert passthrough == []
   assert set(state.stats) == {layer.path for layer in layers}
   assert "blocks/0/attention/query" in state.stats
