@@ -87,6 +87,13 @@ def test_conv_transpose_patches_reproduce_it(strides, padding, dilation):
   patches = acts["inputs"].materialize()
   np.testing.assert_allclose(
       patches @ conv.kernel[...].reshape(-1, 5) + conv.bias[...], y, atol=1e-12)
+  # The statistics' sampled positions (stats_positions) too.
+  key = jax.random.key(2)
+  sampled = fisher.sampled_positions(acts, 5, key)
+  kept = np.sort(jax.random.choice(key, patches[0, ..., 0].size, (5,),
+                                   replace=False))
+  np.testing.assert_array_equal(
+      sampled["inputs"], patches.reshape(2, -1, patches.shape[-1])[:, kept])
 
 
 class TwoLinear(nnx.Module):
