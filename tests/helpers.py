@@ -2,9 +2,15 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import sngd_jax
+
+
+def assert_tree_close(a, b, **tolerances):
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, **tolerances),
+               a, b)
 
 
 def mlp_params(key, sizes, dtype=jnp.float64):

@@ -9,6 +9,7 @@ import optax
 import pytest
 from flax import linen as nn
 from flax import nnx
+from helpers import assert_tree_close
 from test_exact_ngd import FORMULA, damp, with_ones
 
 import sngd_jax
@@ -368,8 +369,7 @@ def test_activations_of_a_layer_without_trainable_params_are_unused():
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # no plain-gradient warning either
     extra = one_update(params, grads, {**acts, "frozen": acts["blocks"][1]})
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12),
-               extra, one_update(params, grads, acts))
+  assert_tree_close(extra, one_update(params, grads, acts), rtol=1e-12)
 
 
 def test_nnx_cnn_trains_under_nnx_jit():

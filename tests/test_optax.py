@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import blobs, loss_and_acts, mlp_params
+from helpers import assert_tree_close, blobs, loss_and_acts, mlp_params
 
 import sngd_jax
 
@@ -22,10 +22,6 @@ def setup():
 def direction(params, acts, grads, **options):
   tx = sngd_jax.scale_by_sngd(**options)
   return tx.update(grads, tx.init(params), params, activations=acts)[0]
-
-
-def assert_tree_close(a, b, **kw):
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, **kw), a, b)
 
 
 def test_sngd_without_arguments_chains_like_scale_by_adam():

@@ -15,10 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import assert_tree_close
 from test_exact_ngd import FORMULA, damp
 
 import sngd_jax
 from sngd_jax import fisher
+
+CLOSE = dict(rtol=1e-8, atol=1e-12)
 
 
 def exact_ngd(model, params, examples, grads):
@@ -34,11 +37,6 @@ def exact_ngd(model, params, examples, grads):
 def sngd_update(params, grads, acts, sharing):
   tx = sngd_jax.scale_by_sngd(**FORMULA, weight_sharing=sharing)
   return tx.update(grads, tx.init(params), params, activations=acts)[0]
-
-
-def assert_tree_close(a, b):
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-8,
-                                                       atol=1e-12), a, b)
 
 
 def test_conv_with_a_per_example_loss_is_exact_ngd_with_reduce():
@@ -57,7 +55,7 @@ def test_conv_with_a_per_example_loss_is_exact_ngd_with_reduce():
   grads = jax.grad(loss)(params)
   _, acts = sngd_jax.nnx_capture(nnx.merge(graphdef, params), x)
   expected = exact_ngd(model, params, x, grads)
-  assert_tree_close(sngd_update(params, grads, acts, "reduce"), expected)
+  assert_tree_close(sngd_update(params, grads, acts, "reduce"), expected, **CLOSE)
   # Averaging over positions instead takes a step 9 times too long.
   wrong = sngd_update(params, grads, acts, "expand")
   np.testing.assert_allclose(
@@ -82,7 +80,7 @@ def test_dense_shared_over_positions_with_a_per_position_loss_is_exact_with_expa
   assert acts["inputs"].shape == (5, 7, 4)
   positions = x.reshape(35, 1, 4)  # every position is an example
   expected = exact_ngd(model, params, positions, grads)
-  assert_tree_close(sngd_update(params, grads, acts, "expand"), expected)
+  assert_tree_close(sngd_update(params, grads, acts, "expand"), expected, **CLOSE)
 
 
 class TeacherForcedCell(nnx.Module):
@@ -120,7 +118,7 @@ def test_recurrent_cell_unrolled_over_time_is_exact_ngd_with_reduce():
   _, acts = sngd_jax.nnx_capture(nnx.merge(graphdef, params), x, states)
   assert acts["cell"]["inputs"].shape == (6, 5, 5)  # examples, steps, features
   expected = exact_ngd(model, params, data, grads)
-  assert_tree_close(sngd_update(params, grads, acts, "reduce"), expected)
+  assert_tree_close(sngd_update(params, grads, acts, "reduce"), expected, **CLOSE)
 
 
 @pytest.mark.parametrize("sharing,scale", [("reduce", 2.0), ("expand", 1.0)])
@@ -203,7 +201,7 @@ def test_sampled_positions_keep_the_statistics_scale():
     tx = sngd_jax.scale_by_sngd(**{**FORMULA, "stats_positions": stats_positions})
     return tx.update(grads, tx.init(params), params, activations=acts)[0]
 
-  assert_tree_close(update(2), update(None))
+  assert_tree_close(update(2), update(None), **CLOSE)
 
 
 def test_auto_positions_are_16_under_reduce_and_64_under_expand():
@@ -223,7 +221,7 @@ def test_auto_positions_are_16_under_reduce_and_64_under_expand():
 
   for sharing, limit in (("reduce", 16), ("expand", 64)):
     auto = update(sharing, "auto")
-    assert_tree_close(auto, update(sharing, limit))
+    assert_tree_close(auto, update(sharing, limit), **CLOSE)
     for other in (None, limit - 1):
       assert not np.allclose(auto["dense"]["kernel"],
                              update(sharing, other)["dense"]["kernel"])
