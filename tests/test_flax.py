@@ -43,6 +43,28 @@ def dense_reference(x, g_kernel, g_bias):
   return np.linalg.solve(damp(xt.T @ xt / xt.shape[0]), g)
 
 
+def assert_captured_patches_reproduce(conv, x):
+  """The captured patches (built lazily) times the kernel give the layer's
+  output, and the statistics' sampled positions gather only their windows:
+  the full im2col's patches at the positions they keep. Returns the patches."""
+  y, acts = sngd_jax.nnx_capture(conv, x)
+  patches = acts["inputs"].materialize()
+  assert acts["inputs"].shape == patches.shape
+  features = conv.kernel.shape[-1]
+  np.testing.assert_allclose(
+      patches @ conv.kernel[...].reshape(-1, features) + conv.bias[...], y,
+      atol=1e-12)
+  key = jax.random.key(2)
+  sampled = fisher.sampled_positions(acts, 5, key)
+  kept = np.sort(jax.random.choice(key, patches[0, ..., 0].size, (5,),
+                                   replace=False))
+  np.testing.assert_array_equal(
+      sampled["inputs"], patches.reshape(2, -1, patches.shape[-1])[:, kept])
+  np.testing.assert_array_equal(sampled["outputs"],
+                                y.reshape(2, -1, features)[:, kept])
+  return patches
+
+
 @pytest.mark.parametrize("strides,padding,dilation,input_dilation", [
     (1, "SAME", 1, 1), (2, "VALID", 1, 1), ((2, 1), [(1, 2), (0, 1)], 1, 1),
     (1, "SAME", 2, 1), (1, 1, (1, 2), 1), (1, "CIRCULAR", 1, 1),
@@ -57,22 +79,8 @@ def test_conv_patches_reproduce_the_convolution(strides, padding, dilation,
                   rngs=nnx.Rngs(0),
                   param_dtype=jnp.float64)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 8, 3), jnp.float64)
-  patches = sngd_jax.conv_patches(conv, x)
-  y, acts = sngd_jax.nnx_capture(conv, x)
-  # The captured entry builds the same patches lazily, with the same shape.
-  assert acts["inputs"].shape == patches.shape
-  np.testing.assert_array_equal(acts["inputs"].materialize(), patches)
-  np.testing.assert_allclose(
-      patches @ conv.kernel[...].reshape(-1, 5) + conv.bias[...], y, atol=1e-12)
-  # Sampled positions gather only their windows, the same patches as the
-  # full im2col at the positions its outputs keep.
-  key = jax.random.key(2)
-  sampled = fisher.sampled_positions(acts, 5, key)
-  kept = np.sort(jax.random.choice(key, patches[0, ..., 0].size, (5,),
-                                   replace=False))
-  np.testing.assert_array_equal(
-      sampled["inputs"], patches.reshape(2, -1, patches.shape[-1])[:, kept])
-  np.testing.assert_array_equal(sampled["outputs"], y.reshape(2, -1, 5)[:, kept])
+  patches = assert_captured_patches_reproduce(conv, x)
+  np.testing.assert_array_equal(sngd_jax.conv_patches(conv, x), patches)
 
 
 # ConvTranspose: a stride-1 convolution of the input dilated by the strides.
@@ -84,17 +92,7 @@ def test_conv_transpose_patches_reproduce_it(strides, padding, dilation):
                            kernel_dilation=dilation, rngs=nnx.Rngs(0),
                            param_dtype=jnp.float64)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 4, 3), jnp.float64)
-  y, acts = sngd_jax.nnx_capture(conv, x)
-  patches = acts["inputs"].materialize()
-  np.testing.assert_allclose(
-      patches @ conv.kernel[...].reshape(-1, 5) + conv.bias[...], y, atol=1e-12)
-  # The statistics' sampled positions (stats_positions) too.
-  key = jax.random.key(2)
-  sampled = fisher.sampled_positions(acts, 5, key)
-  kept = np.sort(jax.random.choice(key, patches[0, ..., 0].size, (5,),
-                                   replace=False))
-  np.testing.assert_array_equal(
-      sampled["inputs"], patches.reshape(2, -1, patches.shape[-1])[:, kept])
+  assert_captured_patches_reproduce(conv, x)
 
 
 class TwoLinear(nnx.Module):
