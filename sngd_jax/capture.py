@@ -618,6 +618,74 @@ def _capturing():
 
 
 # ----------------------------------------------------------------------------
+# Recurrent cells: the slope of the function each gate layer feeds.
+#
+# Flax's cells apply a sigmoid (the gates) or a tanh (the candidate) to each
+# sum ``x W_i + h W_h``. A unit behind ``f`` has the per-unit block
+# ``E[f'(h)^2 x~ x~^T]``; the cell records on each of its layers' entries
+# (``fisher.SLOPES``) the bound ``f'(0)^2`` of that weight (1/16 for a sigmoid,
+# 1 for a tanh; averaged over the gates of a fused layer), which the ``linear``
+# block multiplies its rows by. Without it a gate was stepped as if it moved
+# the cell one for one: 3-20x less than Adam moves it. The slopes at the
+# actual pre-activations trained faster at first but let saturated gates
+# (slopes near 0) take steps that undid the training at small learning rates
+# (docs/experiments.md, 2026-12-05).
+
+
+def _peak_squared_slope(function) -> float:
+  """``f'(0)^2``: a sigmoid's and a tanh's largest; 1 where it is 0 or past 1
+  (a ReLU, whose slope at 0 JAX takes as 0)."""
+  with jax.ensure_compile_time_eval():
+    slope = float(jax.jvp(function, (jnp.zeros(()),), (jnp.ones(()),))[1])
+  return slope ** 2 if 0 < slope ** 2 <= 1 else 1.0
+
+
+def _cell_rules() -> dict[type, dict[str, tuple[str, ...]]]:
+  """``{cell class: {layer: the functions (cell attributes) its outputs go
+  into, one per gate it holds}}``, by exact type (a subclass may change
+  ``__call__``)."""
+  from flax import linen as nn
+  from flax import nnx
+  gate, candidate = ("gate_fn",), ("activation_fn",)
+
+  def sides(gates, input_names, hidden_names):
+    return {name: fn for names in (input_names, hidden_names)
+            for name, fn in zip(names, gates)}
+
+  def fused(*gates):
+    return {"dense_i": sum(gates, ()), "dense_h": sum(gates, ())}
+
+  gru = (gate, gate, candidate)
+  lstm = (gate, gate, candidate, gate)
+  linen_lstm = sides(lstm, ("ii", "if", "ig", "io"), ("hi", "hf", "hg", "ho"))
+  return {
+      nn.GRUCell: sides(gru, ("ir", "iz", "in"), ("hr", "hz", "hn")),
+      nn.LSTMCell: linen_lstm, nn.OptimizedLSTMCell: linen_lstm,
+      nn.MGUCell: sides((gate, candidate), ("if", "in"), ("hf", "hn")),
+      nn.SimpleCell: sides((candidate,), ("i",), ("h",)),
+      nnx.GRUCell: fused(*gru), nnx.OptimizedLSTMCell: fused(*lstm),
+      nnx.LSTMCell: sides(lstm, ("ii", "if_", "ig", "io"),
+                          ("hi", "hf", "hg", "ho")),
+      nnx.SimpleCell: fused(candidate)}
+
+
+def _record_slopes(rule, cell, key_of):
+  """Adds ``fisher.SLOPES`` to the entries a cell's call just recorded;
+  ``key_of(name)`` is the record key of the cell's layer ``name``."""
+  frame = _FRAMES[-1]
+  if not frame.is_current():
+    return
+  for name, functions in rule.items():
+    key = key_of(name)
+    if key is None or not frame.record.get(key):
+      continue
+    entry = frame.record[key][-1]
+    slope = np.mean([_peak_squared_slope(getattr(cell, f)) for f in functions])
+    x = entry["inputs"]
+    entry[fisher.SLOPES] = jnp.full(x.shape[:-1] + (1,), slope, x.dtype)
+
+
+# ----------------------------------------------------------------------------
 # Flax NNX.
 
 
@@ -688,9 +756,21 @@ def _patched_nnx_calls():
       return y
     return call
 
+  def wrap_cell(rule, original):
+    def call(self, *args, **kwargs):
+      out = original(self, *args, **kwargs)
+      _record_slopes(rule, self, lambda name: _nnx_ref(getattr(self, name, None)))
+      return out
+    return call
+
+  rules = {cls: rule for cls, rule in _cell_rules().items()
+           if cls.__module__.startswith("flax.nnx")}
+  originals.update({(cls, "__call__"): cls.__call__ for cls in rules})
   try:
     for (cls, name), kind in methods.items():
       setattr(cls, name, wrap(kind, originals[(cls, name)]))
+    for cls, rule in rules.items():
+      cls.__call__ = wrap_cell(rule, originals[(cls, "__call__")])
     yield
   finally:
     for (cls, name), original in originals.items():
@@ -765,11 +845,15 @@ def linen_capture(module, variables, *args, **kwargs) -> tuple[Any, dict]:
   if not isinstance(module, nn.Module) and isinstance(
       getattr(module, "__self__", None), nn.Module):
     module = module.__self__  # ``state.apply_fn``: the bound ``model.apply``
-  kinds = _linen_kinds()
+  kinds, rules = _linen_kinds(), _cell_rules()
 
   def interceptor(next_fun, call_args, call_kwargs, context):
     y = next_fun(*call_args, **call_kwargs)
     layer = context.module
+    if context.method_name == "__call__" and type(layer) in rules:
+      path = tuple(layer.scope.path)
+      _record_slopes(rules[type(layer)], layer, lambda name: path + (name,))
+      return y
     kind = next((k for cls, k in kinds.items() if isinstance(layer, cls)), None)
     if kind == "embed" and context.method_name == "attend":
       kind = "attend"

@@ -8,7 +8,7 @@ last row for the bias when the layer has one (``x~ = [x; 1]``).
 
 | kind          | statistic (N = rows of the batch, all leading axes)            | stored block                |
 |---------------|-----------------------------------------------------------------|-----------------------------|
-| ``linear``    | ``G = E[x~ x~^T]``, shared by every output unit                 | ``(n, n)``                  |
+| ``linear``    | ``G = E[x~ x~^T]``, shared by every output unit (``E[s x~ x~^T]`` in a recurrent cell: ``SLOPES``) | ``(n, n)`` |
 | ``linear`` + Nystrom | ``m`` sampled columns ``E[x~ x~_S^T]`` and ``diag G``    | ``(n, m)``                  |
 | ``relu`` ...  | ``G_j = E[nu(h_j) x~ x~^T]`` per output unit ``j``              | ``(d_out, n, n)``           |
 | ``softmax``   | ``E[diag(eta) - eta eta^T]`` (x) ``E[x~ x~^T]`` (Kronecker of the two expectations) | ``(d_out, d_out)``, ``(n, n)`` |
@@ -110,17 +110,23 @@ def second_moment(xt):
   return batch_mean("ni,nj->ij", xt, xt)
 
 
-def augmented_moment(x, n, dtype):
+def augmented_moment(x, n, dtype, slopes=None):
   """``E[x~ x~^T]`` of ``x~ = [x, 1]`` (the ones only if ``n`` > d): ``E[x x^T]``
   bordered by ``E[x]`` and 1, without copying the rows into ``x~`` (that copy
-  cost a transformer's statistics step as much as the product)."""
+  cost a transformer's statistics step as much as the product).
+
+  With ``slopes`` (``(..., 1)``, one weight per row), ``E[s x~ x~^T]``.
+  """
   x = rows(x, dtype)
-  moment = second_moment(x)
+  if slopes is None:
+    moment, corner = second_moment(x), jnp.ones((1, 1), dtype)
+  else:
+    s = rows(slopes, dtype)
+    moment, corner = second_moment(x * jnp.sqrt(s)), batch_mean("ni->i", s)[None]
   if x.shape[1] == n:
     return moment
-  mean = batch_mean("ni->i", x)
-  return jnp.block([[moment, mean[:, None]],
-                    [mean[None, :], jnp.ones((1, 1), dtype)]])
+  mean = batch_mean("ni->i", x if slopes is None else x * s)
+  return jnp.block([[moment, mean[:, None]], [mean[None, :], corner]])
 
 
 def _unit_shift(stats, damping):
@@ -174,6 +180,13 @@ def _unit_inverses(stats, shift, solver):
   return _per_unit(lambda g, shift: linalg.inverse(
       g + shift * jnp.eye(g.shape[-1], dtype=g.dtype), solver), (stats,), shift)
 
+
+# The key of an optional activations entry, a weight per row ``(..., 1)``:
+# the ``linear`` block becomes ``E[s x~ x~^T]``. The capture gives a recurrent
+# cell's layers the squared slope ``f'(0)^2`` of the gate function their
+# outputs go into (a sigmoid's 1/16), the bound of the per-unit blocks'
+# ``E[f'(h)^2 x~ x~^T]`` (``capture._cell_rules``).
+SLOPES = "slopes"
 
 # The key of an activations entry recorded inside a scan (a recurrent cell,
 # any module a loop applies at every iteration); its value is ``Scanned()``,
@@ -302,7 +315,8 @@ class Linear(_Block):
     return jnp.eye(self.n, dtype=dtype)
 
   def statistic(self, entry, dtype):
-    return augmented_moment(_materialized(entry["inputs"]), self.n, dtype)
+    return augmented_moment(_materialized(entry["inputs"]), self.n, dtype,
+                            entry.get(SLOPES))
 
   def refresh(self, stats, damping, solver):
     return linalg.inverse(linalg.damped(stats, damping), solver)
@@ -369,6 +383,8 @@ class NystromLinear(_Block):
 
   def statistic(self, entry, dtype):
     xt = features(_materialized(entry["inputs"]), self.n, dtype)
+    if SLOPES in entry:
+      xt = xt * jnp.sqrt(rows(entry[SLOPES], dtype))
     return {"columns": batch_mean("ni,nj->ij", xt, xt[:, np.array(self.columns)]),
             "diagonal": jnp.mean(xt * xt, axis=0)}
 

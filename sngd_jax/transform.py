@@ -271,7 +271,7 @@ def _is_entry(x) -> bool:
   return isinstance(x, Mapping) and ("inputs" in x or "attend" in x)
 
 
-_ENTRY_KEYS = ("inputs", "outputs", "attend", fisher.SCANNED)
+_ENTRY_KEYS = ("inputs", "outputs", "attend", fisher.SLOPES, fisher.SCANNED)
 
 
 def flatten_activations(activations, prefix=()) -> dict[str, Mapping]:
@@ -322,6 +322,11 @@ def _check_entry(layer: Layer, entry: Mapping):
               "output_axes={path pattern: k} sets another split)")
     raise ValueError(f"{where}['inputs'] has shape {np.shape(x)}; the layer's "
                      f"parameters need (..., {expected}){hint}")
+  if fisher.SLOPES in entry and (
+      np.shape(entry[fisher.SLOPES]) != np.shape(x)[:-1] + (1,)):
+    raise ValueError(f"{where}[{fisher.SLOPES!r}] has shape "
+                     f"{np.shape(entry[fisher.SLOPES])}; expected "
+                     f"{np.shape(x)[:-1] + (1,)} (one weight per row)")
   if layer.kind in fisher.NU or layer.kind == "softmax":
     if "outputs" not in entry:
       raise ValueError(f"{where} needs 'outputs' (pre-activations) for "

@@ -56,6 +56,13 @@ def test_wrong_input_width(setup):
     tx.update(grads, state, params, activations=acts)
 
 
+def test_slopes_of_the_wrong_shape(setup):
+  tx, state, params, acts, grads = setup
+  acts["encoder"]["layer1"]["slopes"] = jnp.ones((6, 4))
+  with pytest.raises(ValueError, match=r"'encoder/layer1'.*slopes.*\(6, 1\)"):
+    tx.update(grads, state, params, activations=acts)
+
+
 def test_wrong_output_shape_for_per_unit_kind(setup):
   _, _, params, acts, grads = setup
   tx = sngd_jax.sngd(0.1, layer_fisher="relu")

@@ -510,6 +510,80 @@ def test_linen_rnn_and_scan_cells_are_captured_inside_the_scan(cell_class):
                              ref["Dense_0"]["inputs"], rtol=1e-12)
 
 
+SIGMOID, TANH = 1 / 16, 1.0  # f'(0)^2
+CELL_SLOPES = [  # (cell, {layer: its slopes}); fused layers average their gates
+    (nn.GRUCell(4), dict.fromkeys(["ir", "iz", "hr", "hz"], SIGMOID)
+     | dict.fromkeys(["in", "hn"], TANH)),
+    (nn.GRUCell(4, gate_fn=nn.hard_sigmoid, activation_fn=nn.relu),
+     dict.fromkeys(["ir", "iz", "hr", "hz"], 1 / 36)  # its slope at 0 is 1/6
+     | dict.fromkeys(["in", "hn"], 1.0)),  # a ReLU's slope at 0 is 0: unweighted
+    (nn.LSTMCell(4), dict.fromkeys(["ii", "if", "io", "hi", "hf", "ho"], SIGMOID)
+     | dict.fromkeys(["ig", "hg"], TANH)),
+    (nn.OptimizedLSTMCell(4), dict.fromkeys(["ii", "if", "io", "hi", "hf", "ho"],
+                                            SIGMOID)
+     | dict.fromkeys(["ig", "hg"], TANH)),
+    (nn.MGUCell(4), dict.fromkeys(["if", "hf"], SIGMOID)
+     | dict.fromkeys(["in", "hn"], TANH)),
+    (nn.SimpleCell(4), dict.fromkeys(["i", "h"], TANH)),
+    ("nnx.GRUCell", dict.fromkeys(["dense_i", "dense_h"],
+                                  (2 * SIGMOID + TANH) / 3)),
+    ("nnx.LSTMCell", dict.fromkeys(["ii", "if_", "io", "hi", "hf", "ho"], SIGMOID)
+     | dict.fromkeys(["ig", "hg"], TANH)),
+    ("nnx.OptimizedLSTMCell", dict.fromkeys(["dense_i", "dense_h"],
+                                            (3 * SIGMOID + TANH) / 4)),
+    ("nnx.SimpleCell", dict.fromkeys(["dense_i", "dense_h"], TANH)),
+]
+
+
+@pytest.mark.parametrize("cell,expected", CELL_SLOPES, ids=[
+    "GRUCell", "GRUCell-hard_sigmoid-relu", "LSTMCell", "OptimizedLSTMCell",
+    "MGUCell", "SimpleCell", "nnx.GRUCell", "nnx.LSTMCell",
+    "nnx.OptimizedLSTMCell", "nnx.SimpleCell"])
+def test_a_cells_layers_record_the_slopes_of_their_gates(cell, expected):
+  """Every layer of a cell, and only those, records the squared slope at 0 of
+  the function its outputs go into (a sigmoid 1/16, a tanh 1), for every row
+  of its inputs; a layer feeding several gates (NNX's fused ones) the mean."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 7, 3)), jnp.float32)
+
+  def rows_and_slopes(acts):
+    return {name: (entry["inputs"].shape[:-1], np.unique(entry[fisher.SLOPES]))
+            for name, entry in acts.items()}
+
+  if isinstance(cell, str):
+    cell = getattr(nnx, cell[4:])(3, 4, rngs=nnx.Rngs(0))
+    _, acts = sngd_jax.nnx_capture(nnx.RNN(cell), x)
+    acts = acts["cell"]
+  else:
+    model = nn.Sequential([nn.RNN(cell), nn.Dense(2)])
+    variables = model.init(jax.random.PRNGKey(0), x)
+    _, acts = sngd_jax.linen_capture(model, variables, x)
+    assert fisher.SLOPES not in acts["layers_1"]  # the head is no cell's
+    acts = acts["layers_0"]["cell"]
+  got = rows_and_slopes(acts)
+  assert set(got) == set(expected)
+  for name, (shape, values) in got.items():
+    assert shape == (6, 7) and values.shape == (1,), name
+    np.testing.assert_allclose(values[0], expected[name], rtol=1e-6,
+                               err_msg=name)
+
+
+def test_slopes_weigh_the_rows_of_the_linear_and_nystrom_blocks():
+  """``E[s x~ x~^T]``: the full block, and the Nystrom block's columns and
+  diagonal, against numpy."""
+  rng = np.random.default_rng(0)
+  x, s = rng.normal(size=(2, 5, 6)), rng.uniform(0.01, 0.2, size=(2, 5, 1))
+  xt = with_ones(x.reshape(-1, 6)) * np.sqrt(s.reshape(-1, 1))
+  expected = xt.T @ xt / 10
+  entry = {"inputs": jnp.asarray(x), fisher.SLOPES: jnp.asarray(s)}
+  np.testing.assert_allclose(fisher.Linear(7).statistic(entry, jnp.float64),
+                             expected, rtol=1e-12)
+  nystrom = fisher.NystromLinear.for_layer("a", 7, 3, bias=True)
+  stats = nystrom.statistic(entry, jnp.float64)
+  np.testing.assert_allclose(stats["columns"],
+                             expected[:, list(nystrom.columns)], rtol=1e-12)
+  np.testing.assert_allclose(stats["diagonal"], np.diag(expected), rtol=1e-12)
+
+
 def test_layers_stacked_for_a_scan_get_the_plain_gradient_and_a_warning():
   class Block(nn.Module):
     @nn.compact
