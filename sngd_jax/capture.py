@@ -764,7 +764,7 @@ def _patched_nnx_calls():
     return call
 
   rules = {cls: rule for cls, rule in _cell_rules().items()
-           if cls.__module__.startswith("flax.nnx")}
+           if issubclass(cls, nnx.Module)}
   originals.update({(cls, "__call__"): cls.__call__ for cls in rules})
   try:
     for (cls, name), kind in methods.items():
