@@ -634,9 +634,10 @@ def _capturing():
 
 def _peak_squared_slope(function) -> float:
   """``f'(0)^2``: a sigmoid's and a tanh's largest; 1 where it is 0 or past 1
-  (a ReLU, whose slope at 0 JAX takes as 0)."""
+  (a ReLU, whose slope at 0 JAX takes as 0). Taken on one unit, ``(1,)``,
+  so that a function over the last axis (a softmax) runs too."""
   with jax.ensure_compile_time_eval():
-    slope = float(jax.jvp(function, (jnp.zeros(()),), (jnp.ones(()),))[1])
+    slope = float(jax.jvp(function, (jnp.zeros((1,)),), (jnp.ones((1,)),))[1][0])
   return slope ** 2 if 0 < slope ** 2 <= 1 else 1.0
 
 

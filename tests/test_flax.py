@@ -517,6 +517,8 @@ CELL_SLOPES = [  # (cell, {layer: its slopes}); fused layers average their gates
     (nn.GRUCell(4, gate_fn=nn.hard_sigmoid, activation_fn=nn.relu),
      dict.fromkeys(["ir", "iz", "hr", "hz"], 1 / 36)  # its slope at 0 is 1/6
      | dict.fromkeys(["in", "hn"], 1.0)),  # a ReLU's slope at 0 is 0: unweighted
+    (nn.SimpleCell(4, activation_fn=nn.softmax),  # over the last axis: runs
+     dict.fromkeys(["i", "h"], 1.0)),
     (nn.LSTMCell(4), dict.fromkeys(["ii", "if", "io", "hi", "hf", "ho"], SIGMOID)
      | dict.fromkeys(["ig", "hg"], TANH)),
     (nn.OptimizedLSTMCell(4), dict.fromkeys(["ii", "if", "io", "hi", "hf", "ho"],
@@ -536,7 +538,8 @@ CELL_SLOPES = [  # (cell, {layer: its slopes}); fused layers average their gates
 
 
 @pytest.mark.parametrize("cell,expected", CELL_SLOPES, ids=[
-    "GRUCell", "GRUCell-hard_sigmoid-relu", "LSTMCell", "OptimizedLSTMCell",
+    "GRUCell", "GRUCell-hard_sigmoid-relu", "SimpleCell-softmax", "LSTMCell",
+    "OptimizedLSTMCell",
     "MGUCell", "SimpleCell", "nnx.GRUCell", "nnx.LSTMCell",
     "nnx.OptimizedLSTMCell", "nnx.SimpleCell"])
 def test_a_cells_layers_record_the_slopes_of_their_gates(cell, expected):
