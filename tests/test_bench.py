@@ -60,6 +60,20 @@ def test_variant_options_parse_json_values_and_bare_strings(monkeypatch):
   assert name in bench.OPTIMIZERS
 
 
+def test_a_variant_replaces_the_tasks_own_sngd_option(monkeypatch):
+  monkeypatch.setattr(bench, "VARIANTS", {})
+  monkeypatch.setattr(bench, "OPTIMIZERS", dict(bench.OPTIMIZERS))
+  seen = []
+  monkeypatch.setattr(bench.sngd_jax, "sngd",
+                      lambda lr, **options: seen.append(options))
+  task = bench.Task("lm", None, None, 8, epochs=1, target=0.0,
+                    sngd_options=(("weight_sharing", "expand"),))
+  name = bench.add_sngd_variant("weight_sharing=auto")
+  bench._optimizer(task, name)(0.1)
+  bench._optimizer(task, "sngd")(0.1)
+  assert [options["weight_sharing"] for options in seen] == ["auto", "expand"]
+
+
 def test_a_batchnorm_model_trains_with_its_statistics_in_the_carry():
   dataset = _random_dataset((12, 12), 10)
   task = bench.Task("resnet", lambda: dataset,

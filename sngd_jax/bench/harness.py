@@ -59,8 +59,8 @@ def _optimizer(task: Task, name: str):
   """
   make_tx, _ = OPTIMIZERS[name]
   if (name == "sngd" or name in VARIANTS) and task.sngd_options:
-    return _sngd_with(**dict(task.sngd_options), **(
-        VARIANTS.get(name, {})))
+    # A variant's option replaces the task's (weight_sharing=auto on the LM).
+    return _sngd_with(**{**dict(task.sngd_options), **VARIANTS.get(name, {})})
   return make_tx
 
 
