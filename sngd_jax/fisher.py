@@ -214,6 +214,26 @@ def uses_per_example(inputs) -> int:
   return math.prod(shape[1:] if ids else shape[1:-1])
 
 
+def auto_sharing(entry: dict) -> str:
+  """``weight_sharing="auto"``'s mode for a layer's entry: ``"expand"`` or ``"reduce"``.
+
+  A sequence's uses expand: a layer recorded inside a scan (a recurrent
+  cell's steps) or used along one position axis (tokens: inputs ``(B, L,
+  d)``, ids ``(B, L)``), since a sequence model's loss is most often one per
+  position (a language model's). An image's uses reduce: a convolution, or a
+  layer over two or more position axes (a BatchNorm over ``H W``), since an
+  image model's loss is one per example. A layer used once per example is
+  the same either way.
+  """
+  if SCANNED in entry:
+    return "expand"
+  inputs = entry.get("inputs", entry.get("attend"))
+  if inputs is None or hasattr(inputs, "positions"):  # a convolution's
+    return "reduce"
+  ids = jnp.issubdtype(jnp.result_type(inputs), jnp.integer)
+  return "expand" if np.ndim(inputs) - (1 if ids else 2) == 1 else "reduce"
+
+
 def sampled_positions(entry: dict, limit: int, key) -> dict:
   """The entry at ``limit`` positions per example, drawn with ``key``, where it has more.
 

@@ -644,13 +644,16 @@ def scale_by_sngd(
     if mode not in WEIGHT_SHARING:
       raise ValueError(f"weight_sharing for {path!r} is {mode!r}; expected "
                        f"one of {WEIGHT_SHARING}")
-    if mode == "auto":  # recurrent cells expand, every other layer reduces
-      return "expand" if fisher.SCANNED in entry else "reduce"
+    if mode == "auto":  # sequences expand, images reduce
+      return fisher.auto_sharing(entry)
     return mode
 
   def clip_weight(path, entry):
+    # A recurrent cell's loss is often one per sequence (a classifier's): its
+    # steps expand for the statistic, but the clip counts them all, as the
+    # per-example Fisher sums over them.
     if (_resolve(weight_sharing, path, "auto") == "auto"
-        and sharing(path, entry) == "expand" and "inputs" in entry):
+        and fisher.SCANNED in entry and "inputs" in entry):
       return fisher.uses_per_example(entry["inputs"])
     return 1
 

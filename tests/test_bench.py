@@ -50,28 +50,15 @@ def test_bench_smoke_writes_tables_plots_and_json(tmp_path, capsys):
 
 
 def test_variant_options_parse_json_values_and_bare_strings(monkeypatch):
-  monkeypatch.setattr(bench, "VARIANTS", {})
-  monkeypatch.setattr(bench, "OPTIMIZERS", dict(bench.OPTIMIZERS))
-  name = bench.add_sngd_variant("kl_clip=null,layer_fisher=tanh,stats_every=2,"
-                                "nystrom=null,weight_sharing=expand")
-  assert bench.VARIANTS[name] == dict(kl_clip=None, layer_fisher="tanh",
-                                      stats_every=2, nystrom=None,
-                                      weight_sharing="expand")
-  assert name in bench.OPTIMIZERS
-
-
-def test_a_variant_replaces_the_tasks_own_sngd_option(monkeypatch):
-  monkeypatch.setattr(bench, "VARIANTS", {})
   monkeypatch.setattr(bench, "OPTIMIZERS", dict(bench.OPTIMIZERS))
   seen = []
   monkeypatch.setattr(bench.sngd_jax, "sngd",
                       lambda lr, **options: seen.append(options))
-  task = bench.Task("lm", None, None, 8, epochs=1, target=0.0,
-                    sngd_options=(("weight_sharing", "expand"),))
-  name = bench.add_sngd_variant("weight_sharing=auto")
-  bench._optimizer(task, name)(0.1)
-  bench._optimizer(task, "sngd")(0.1)
-  assert [options["weight_sharing"] for options in seen] == ["auto", "expand"]
+  name = bench.add_sngd_variant("kl_clip=null,layer_fisher=tanh,stats_every=2,"
+                                "nystrom=null,weight_sharing=expand")
+  bench.OPTIMIZERS[name][0](0.1)
+  assert seen == [dict(bench.SNGD_OPTIONS, kl_clip=None, layer_fisher="tanh",
+                       stats_every=2, nystrom=None, weight_sharing="expand")]
 
 
 def test_a_batchnorm_model_trains_with_its_statistics_in_the_carry():
@@ -81,7 +68,7 @@ def test_a_batchnorm_model_trains_with_its_statistics_in_the_carry():
                     epochs=1, target=0.0, scan=False)
   model = task.model()
   variables = model.init(jax.random.PRNGKey(0), dataset.x_train[:2])
-  tx = bench._optimizer(task, "sngd")(0.1)
+  tx = bench.OPTIMIZERS["sngd"][0](0.1)
   chunk, evaluate = bench.make_chunk(task, model, tx, True)
   xs = dataset.x_train.reshape(4, 16, 12, 12)
   ys = dataset.y_train.reshape(4, 16)

@@ -174,6 +174,55 @@ def test_auto_expands_cells_captured_in_a_scan_and_reduces_the_rest():
     np.testing.assert_allclose(mapped[path], auto[path], rtol=1e-12)
 
 
+def test_auto_expands_tokens_and_reduces_an_images_positions():
+  """Tokens (one position axis: inputs ``(B, L, d)``, ids ``(B, L)``) expand,
+  and the clip counts each token once, as an explicit ``expand`` does; an
+  image's ``H x W`` positions and a convolution reduce."""
+  f64 = jnp.float64
+  keys = iter(jax.random.split(jax.random.PRNGKey(0), 8))
+  params = {
+      "tokens": {"kernel": jax.random.normal(next(keys), (3, 2), f64),
+                 "bias": jnp.zeros(2, f64)},
+      "embed": {"embedding": jax.random.normal(next(keys), (5, 3), f64)},
+      "image": {"kernel": jax.random.normal(next(keys), (3, 2), f64)},
+      "conv": {"kernel": jax.random.normal(next(keys), (3, 1, 2), f64),
+               "bias": jnp.zeros(2, f64)}}
+  tokens = jax.random.normal(next(keys), (4, 6, 3), f64)
+  image = jax.random.normal(next(keys), (4, 2, 3, 3), f64)
+  conv = nnx.Conv(1, 2, (3,), rngs=nnx.Rngs(0), param_dtype=f64)
+  _, conv_acts = sngd_jax.nnx_capture(
+      conv, jax.random.normal(next(keys), (4, 5, 1), f64))
+  acts = {"tokens": {"inputs": tokens,
+                     "outputs": tokens @ params["tokens"]["kernel"]},
+          "embed": {"inputs": jax.random.randint(next(keys), (4, 6), 0, 5)},
+          "image": {"inputs": image, "outputs": image @ params["image"]["kernel"]},
+          "conv": conv_acts}
+  grads = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype)
+                                         ).reshape(p.shape), params)
+  explicit = {"tokens": "expand", "embed": "expand", "image": "reduce",
+              "conv": "reduce"}
+
+  def update(sharing, kl_clip=None):
+    tx = sngd_jax.scale_by_sngd(**{**FORMULA, "kl_clip": kl_clip},
+                                weight_sharing=sharing)
+    return tx.update(grads, tx.init(params), params, activations=acts)
+
+  auto, expand, reduce = (update(mode)[1].stats
+                          for mode in ("auto", "expand", "reduce"))
+  for path, mode in explicit.items():
+    want = (expand if mode == "expand" else reduce)[path]
+    other = (reduce if mode == "expand" else expand)[path]
+    assert_tree_close(auto[path], want, **CLOSE)
+    assert not np.allclose(jax.tree.leaves(auto[path])[0],
+                           jax.tree.leaves(other)[0]), path
+  # A clip that binds: the same step only if every token counts once.
+  free = update("auto")[0]
+  clip = 1e-3 * sum(float(vdot) for vdot in jax.tree.leaves(
+      jax.tree.map(lambda u, g: jnp.vdot(u, g), free, grads)))
+  assert_tree_close(update("auto", clip)[0], update(explicit, clip)[0],
+                    **CLOSE)
+
+
 def test_weight_sharing_rejects_unknown_modes_naming_the_layer():
   params = {"dense": {"kernel": jnp.ones((3, 2))}}
   with pytest.raises(ValueError, match="weight_sharing"):

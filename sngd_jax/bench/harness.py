@@ -36,7 +36,8 @@ from sngd_jax.bench import peers as peer_runs
 # SNGD's options for every task: the library's defaults (statistics every 10
 # steps from at most 16 positions per example, 64 where a layer expands;
 # inverses every 100, rank-32 Nystrom blocks past 512 inputs, KL clip 0.3,
-# weight sharing "auto": recurrent cells "expand", other layers "reduce")
+# weight sharing "auto": recurrent cells and tokens "expand", convolutions and
+# images "reduce")
 # plus momentum; only the learning rate is tuned.
 SNGD_OPTIONS = dict(momentum=0.9)
 
@@ -49,19 +50,6 @@ def _sngd_with(**options):
 
 def _is_sngd(name: str) -> bool:
   return name == "sngd" or name.startswith("sngd(")
-
-
-def _optimizer(task: Task, name: str):
-  """The optimizer's factory of the learning rate, with the task's SNGD options.
-
-  The options go to SNGD and its ``--sngd-variants``; an ``"sngd(...)"``
-  factory registered in OPTIMIZERS directly is used as it is.
-  """
-  make_tx, _ = OPTIMIZERS[name]
-  if (name == "sngd" or name in VARIANTS) and task.sngd_options:
-    # A variant's option replaces the task's (weight_sharing=auto on the LM).
-    return _sngd_with(**{**dict(task.sngd_options), **VARIANTS.get(name, {})})
-  return make_tx
 
 
 def _adam(learning_rate):
@@ -95,8 +83,6 @@ OPTIMIZERS: dict[str, tuple[Callable[[float], optax.GradientTransformation], tup
 }
 # Baselines that run only on the tasks that name them (Task.extra_optimizers).
 OPTIONAL = ("adamw",)
-# SNGD variants of this run (--sngd-variants): name -> their options.
-VARIANTS: dict[str, dict] = {}
 # Their step scales with the gradient (Adam's, Muon's and the peers' do not):
 # a task whose loss is a sum over outputs multiplies their grid by its lr_scale.
 GRADIENT_SCALED = ("sngd", "sgd")
@@ -115,7 +101,6 @@ class Task:
   clip: float | None = None  # global-norm gradient clipping, for every optimizer alike
   lr_scale: float = 1.0  # for GRADIENT_SCALED optimizers' grids
   extra_optimizers: tuple[str, ...] = ()  # of OPTIONAL
-  sngd_options: tuple[tuple[str, object], ...] = ()  # beside SNGD_OPTIONS
   train_eval_rows: int | None = None  # train loss on this many rows (None: all)
   # Steps run in a jitted scan; False: a jitted step called in a loop, as a
   # user's training loop does. Convolutions run 3.6x (MNIST-1D CNN) to 6.5x
@@ -175,7 +160,6 @@ def tasks(suite: str, fast: bool) -> list[Task]:
     out.append(Task("python-docs-lm", _cached(datasets.python_docs),
                     models.Transformer, 32, epochs(4), 1.5,
                     extra_optimizers=("adamw",),
-                    sngd_options=(("weight_sharing", "expand"),),
                     train_eval_rows=1024))
   return out
 
@@ -318,7 +302,7 @@ def training(task: Task, data: datasets.Dataset, optimizer: str, lr: float,
   one compiled program serves every learning rate of the grid.
   """
   model = task.model()
-  tx = optax.inject_hyperparams(_optimizer(task, optimizer))(learning_rate=lr)
+  tx = optax.inject_hyperparams(OPTIMIZERS[optimizer][0])(learning_rate=lr)
   if task.clip is not None:
     tx = optax.chain(optax.clip_by_global_norm(task.clip), tx)
   variables = model.init(jax.random.PRNGKey(seed), data.x_train[:2])
@@ -558,7 +542,6 @@ def add_sngd_variant(spec: str) -> str:
     except json.JSONDecodeError:  # a bare string: layer_fisher=tanh
       options[key] = value
   name = f"sngd({spec})"
-  VARIANTS[name] = options
   OPTIMIZERS[name] = (_sngd_with(**options), OPTIMIZERS["sngd"][1])
   return name
 
