@@ -548,8 +548,10 @@ def scale_by_sngd(
       ``"auto"`` (default): ``"expand"`` for layers captured inside a scan
       (recurrent cells: back-propagated gradients fade over the steps, so a
       sum over them overstates the curvature the gradient sees, and a loss
-      per step is exact with it), ``"reduce"`` for every other layer. A
-      single mode, a mapping from glob patterns to modes (unmatched layers
+      per step is exact with it) and layers along one position axis
+      (tokens: a language model's loss is one per token), ``"reduce"`` for
+      images (convolutions, layers over two or more position axes): see
+      ``fisher.auto_sharing``. A single mode, a mapping from glob patterns to modes (unmatched layers
       get ``"auto"``), or a callable of the path.
     output_axes: how many trailing axes of a kernel are outputs (the rest
       are inputs; the block is that of the dense map over the flattened

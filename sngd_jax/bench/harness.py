@@ -153,8 +153,8 @@ def tasks(suite: str, fast: bool) -> list[Task]:
                lambda: models.ResNet(blocks=1), 128, epochs(3), 0.5,
                train_eval_rows=2048, scan=False),
       ]
-    # A loss per character, averaged: every position is an example
-    # (weight_sharing "expand", as the README's layer table says).
+    # A loss per character, averaged: every position is an example, as
+    # weight_sharing "auto" takes tokens ("expand").
     # Its train loss is measured on 1024 of the 6.5k training windows (the
     # whole set would cost more than the training).
     out.append(Task("python-docs-lm", _cached(datasets.python_docs),
