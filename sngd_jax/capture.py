@@ -529,7 +529,7 @@ def _examples_first(stacked):
 
 
 def _capturing_scan(original):
-  """``lax.scan`` whose body's records come out as stacked scan outputs."""
+  """``lax.scan`` whose body's records come out stacked over its iterations."""
 
   def scan(f, init, xs=None, length=None, **kwargs):
     layouts = []
@@ -555,14 +555,15 @@ def _capturing_scan(original):
           continue
         layout = {}
         for name, value in _merge(uses).items():
-          raw = uses[0][name] if len(uses) == 1 else value
           if name == fisher.SCANNED:
             continue
+          raw = uses[0][name] if len(uses) == 1 else value
+          sliced = next((i for i, leaf in enumerate(x_leaves) if raw is leaf),
+                        None)
           if isinstance(raw, np.ndarray):
             layout[name] = ("constant", raw)
-          elif any(raw is leaf for leaf in x_leaves):
-            layout[name] = ("xs", next(i for i, leaf in enumerate(x_leaves)
-                                       if raw is leaf))
+          elif sliced is not None:
+            layout[name] = ("xs", sliced)
           else:
             if id(raw) not in sources:
               sources[id(raw)] = len(outputs)

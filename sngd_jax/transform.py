@@ -551,8 +551,8 @@ def scale_by_sngd(
       per step is exact with it) and layers along one position axis
       (tokens: a language model's loss is one per token), ``"reduce"`` for
       images (convolutions, layers over two or more position axes): see
-      ``fisher.auto_sharing``. A single mode, a mapping from glob patterns to modes (unmatched layers
-      get ``"auto"``), or a callable of the path.
+      ``fisher.auto_sharing``. A single mode, a mapping from glob patterns
+      to modes (unmatched layers get ``"auto"``), or a callable of the path.
     output_axes: how many trailing axes of a kernel are outputs (the rest
       are inputs; the block is that of the dense map over the flattened
       axes). ``None`` (default): the bias's axes (attention's q/k/v kernels
