@@ -200,18 +200,23 @@ class Scanned:
   """Marks an entry whose uses are the iterations of a scan."""
 
 
+def _position_axes(inputs) -> tuple[int, ...]:
+  """The sizes of the inputs' position axes: every axis but the first (the
+  examples) and the features (token ids have none)."""
+  shape = np.shape(inputs)
+  ids = jnp.issubdtype(jnp.result_type(inputs), jnp.integer)
+  return shape[1:] if ids else shape[1:-1]
+
+
 def uses_per_example(inputs) -> int:
   """How many times each example used the layer: its positions, time steps, calls.
 
-  The inputs' first axis is the examples axis; every other axis but the
-  features (token ids have none) is a position. A convolution's lazy inputs
-  count their output positions.
+  The product of the inputs' position axes; a convolution's lazy inputs count
+  their output positions.
   """
   if hasattr(inputs, "positions"):
     return inputs.positions
-  shape = np.shape(inputs)
-  ids = jnp.issubdtype(jnp.result_type(inputs), jnp.integer)
-  return math.prod(shape[1:] if ids else shape[1:-1])
+  return math.prod(_position_axes(inputs))
 
 
 def auto_sharing(entry: dict) -> str:
@@ -230,8 +235,7 @@ def auto_sharing(entry: dict) -> str:
   inputs = entry.get("inputs", entry.get("attend"))
   if inputs is None or hasattr(inputs, "positions"):  # a convolution's
     return "reduce"
-  ids = jnp.issubdtype(jnp.result_type(inputs), jnp.integer)
-  return "expand" if np.ndim(inputs) - (1 if ids else 2) == 1 else "reduce"
+  return "expand" if len(_position_axes(inputs)) == 1 else "reduce"
 
 
 def sampled_positions(entry: dict, limit: int, key) -> dict:

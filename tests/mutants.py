@@ -175,7 +175,7 @@ MUTATIONS = [
              ("tests/test_weight_sharing.py",)),
     Mutation("weight_sharing auto: tokens reduce",
              "sngd_jax/fisher.py",
-             'return "expand" if np.ndim(inputs) - (1 if ids else 2) == 1 else "reduce"',
+             'return "expand" if len(_position_axes(inputs)) == 1 else "reduce"',
              'return "reduce"',
              ("tests/test_weight_sharing.py",)),
     Mutation("update: products at the platform's default precision",
