@@ -20,7 +20,7 @@ What each layer records (the transform reads ``inputs``/``outputs``):
 | Conv with ``feature_group_count = G > 1`` (depthwise too) | patches ``(..., G, kh*kw*C_in/G)``: one block shared by the groups | none (``linear`` kind only) |
 | Embed                                | token ids                                      | none                 |
 | Embed.attend (a tied output layer)   | ``attend``: the hidden states ``h`` it multiplies | none              |
-| LayerNorm, BatchNorm, GroupNorm, RMSNorm, InstanceNorm | ``xhat = (y - bias) / scale`` (the normalized input), feature axes last and flattened | none |
+| LayerNorm, BatchNorm, GroupNorm, RMSNorm, InstanceNorm | ``xhat = (y - bias) / scale`` (the normalized input), feature axes last and flattened, built lazily (``NormInputs``) | none |
 
 Cells inside ``nnx.RNN``, ``nn.RNN``, ``nn.scan`` or any ``jax.lax.scan`` are
 captured at every step, and layers inside ``nnx.remat``, ``nn.remat`` or
@@ -355,22 +355,57 @@ def _feature_axes(layer, ndim: int) -> tuple[int, ...]:
   return tuple(sorted(a % ndim for a in axes))
 
 
-def _normalized(layer, y, scale, bias):
-  """``xhat`` from a norm layer's output ``y = scale * xhat + bias``.
+@jax.tree_util.register_pytree_node_class
+class NormInputs:
+  """A norm layer's normalized input ``xhat``, derived from its output only when used.
 
-  Scale and bias broadcast over the layer's feature axes (any axes, not only
-  the last); ``xhat`` comes back with those axes last, flattened: ``(..., C)``.
+  ``xhat = (y - bias) / scale`` from the output ``y = scale * xhat + bias``
+  (scale and bias broadcast over the layer's feature axes, any axes, not only
+  the last); ``xhat`` comes with those axes last, flattened: ``(..., C)``. As
+  a convolution's patches, it is built inside the statistics branch: on the
+  steps in between it cost a transformer LM's step 2 ms of elementwise passes
+  over every LayerNorm's output. ``shape`` and ``dtype`` are ``xhat``'s.
   """
-  axes = _feature_axes(layer, y.ndim)
-  shape = tuple(y.shape[i] if i in axes else 1 for i in range(y.ndim))
-  if bias is not None:
-    y = y - jnp.reshape(bias, shape)
-  if scale is not None:
-    scale = jnp.reshape(scale, shape)
-    safe = jnp.where(jnp.abs(scale) > 1e-12, scale, 1.0)
-    y = jnp.where(jnp.abs(scale) > 1e-12, y / safe, 0.0)
-  last = tuple(range(y.ndim - len(axes), y.ndim))
-  return _flatten_trailing(jnp.moveaxis(y, axes, last), len(axes))
+
+  def __init__(self, y, scale, bias, axes: tuple[int, ...]):
+    self.y, self.scale, self.bias, self.axes = y, scale, bias, axes
+
+  def tree_flatten(self):
+    return (self.y, self.scale, self.bias), self.axes
+
+  @classmethod
+  def tree_unflatten(cls, axes, children):
+    return cls(*children, axes)
+
+  @property
+  def shape(self):
+    kept = tuple(n for i, n in enumerate(self.y.shape) if i not in self.axes)
+    return kept + (math.prod(self.y.shape[i] for i in self.axes),)
+
+  @property
+  def ndim(self):
+    return len(self.shape)
+
+  @property
+  def dtype(self):
+    return self.y.dtype
+
+  def materialize(self):
+    y, axes = self.y, self.axes
+    shape = tuple(y.shape[i] if i in axes else 1 for i in range(y.ndim))
+    if self.bias is not None:
+      y = y - jnp.reshape(self.bias, shape)
+    if self.scale is not None:
+      scale = jnp.reshape(self.scale, shape)
+      safe = jnp.where(jnp.abs(scale) > 1e-12, scale, 1.0)
+      y = jnp.where(jnp.abs(scale) > 1e-12, y / safe, 0.0)
+    last = tuple(range(y.ndim - len(axes), y.ndim))
+    return _flatten_trailing(jnp.moveaxis(y, axes, last), len(axes))
+
+
+def _normalized(layer, y, scale, bias) -> NormInputs:
+  """A norm layer's lazy ``xhat`` over its feature axes."""
+  return NormInputs(y, scale, bias, _feature_axes(layer, y.ndim))
 
 
 def _entry(kind, layer, x, y, scale=None, bias=None, einsum_str=None):
@@ -416,8 +451,7 @@ def _merge(entries: list[dict]) -> dict:
     if key == fisher.SCANNED:  # a use inside a scan marks them all
       merged[key] = fisher.Scanned()
       continue
-    parts = [e[key].materialize() if isinstance(e[key], ConvInputs) else e[key]
-             for e in entries if key in e]
+    parts = [fisher.materialized(e[key]) for e in entries if key in e]
     ids = jnp.issubdtype(parts[0].dtype, jnp.integer)
     batch = {p.shape[0] if p.ndim > (0 if ids else 1) else None for p in parts}
     if len(batch) == 1 and None not in batch:
@@ -557,6 +591,8 @@ def _capturing_scan(original):
         for name, value in _merge(uses).items():
           if name == fisher.SCANNED:
             continue
+          if isinstance(value, NormInputs):  # its axes would move when stacked
+            value = value.materialize()
           raw = uses[0][name] if len(uses) == 1 else value
           sliced = next((i for i, leaf in enumerate(x_leaves) if raw is leaf),
                         None)

@@ -257,7 +257,7 @@ def sampled_positions(entry: dict, limit: int, key) -> dict:
       patches = x.at_positions(picked(x.positions))
       if patches is not None:
         return patches
-    x = _materialized(x)
+    x = materialized(x)
     ids = jnp.issubdtype(x.dtype, jnp.integer)
     tail = () if ids else x.shape[-1:]
     flat = jnp.reshape(x, x.shape[:1] + (-1,) + tail)
@@ -270,8 +270,9 @@ def sampled_positions(entry: dict, limit: int, key) -> dict:
           for name, value in entry.items()}
 
 
-def _materialized(x):
-  """Inputs given lazily (a convolution's ``ConvInputs``) are built here only."""
+def materialized(x):
+  """Inputs given lazily (a convolution's ``ConvInputs``, a norm's
+  ``NormInputs``) are built here only."""
   return x.materialize() if hasattr(x, "materialize") else x
 
 
@@ -279,7 +280,7 @@ class _Block:
   """What every block shares: its statistic's scale under weight sharing.
 
   A block reads an activations entry: ``entry["inputs"]`` (a convolution's
-  lazily, through ``_materialized``) and, for the kinds that need them,
+  lazily, through ``materialized``) and, for the kinds that need them,
   ``entry["outputs"]``.
   """
 
@@ -339,7 +340,7 @@ class Linear(_Block):
     return jnp.eye(self.n, dtype=dtype)
 
   def statistic(self, entry, dtype):
-    return augmented_moment(_materialized(entry["inputs"]), self.n, dtype,
+    return augmented_moment(materialized(entry["inputs"]), self.n, dtype,
                             entry.get(SLOPES))
 
   def refresh(self, stats, damping, solver):
@@ -406,7 +407,7 @@ class NystromLinear(_Block):
             "diagonal": jnp.ones((self.n,), dtype)}
 
   def statistic(self, entry, dtype):
-    xt = features(_materialized(entry["inputs"]), self.n, dtype)
+    xt = features(materialized(entry["inputs"]), self.n, dtype)
     if SLOPES in entry:
       xt = xt * jnp.sqrt(rows(entry[SLOPES], dtype))
     return {"columns": batch_mean("ni,nj->ij", xt, xt[:, np.array(self.columns)]),
@@ -480,7 +481,7 @@ class PerUnit(_UnitBlocks):
   nu: Callable[[Array], Array] = _relu_nu
 
   def statistic(self, entry, dtype):
-    xt = features(_materialized(entry["inputs"]), self.n, dtype)
+    xt = features(materialized(entry["inputs"]), self.n, dtype)
     weights = self.nu(rows(entry["outputs"], dtype))
     return batch_mean("nj,ni,nk->jik", weights, xt, xt)
 
@@ -508,7 +509,7 @@ class Softmax(_Block):
     eta = jax.nn.softmax(rows(entry["outputs"], dtype), axis=-1)
     output = jnp.diag(jnp.mean(eta, axis=0)) - second_moment(eta)
     return {"output": output, "input": augmented_moment(
-        _materialized(entry["inputs"]), self.n, dtype)}
+        materialized(entry["inputs"]), self.n, dtype)}
 
   def refresh(self, stats, damping, solver):
     del solver
@@ -542,7 +543,7 @@ class Affine(_UnitBlocks):
   def statistic(self, entry, dtype):
     # Per channel E[z z^T] from E[xhat^2] and E[xhat] (a batched product of
     # stacked (N, C, n) rows took a transformer's LayerNorm 6 ms on a CPU).
-    xhat = rows(entry["inputs"], dtype)
+    xhat = rows(materialized(entry["inputs"]), dtype)
     ones = jnp.ones(xhat.shape[1:], dtype)
     if not self.has_scale:
       return ones[:, None, None]
