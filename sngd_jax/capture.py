@@ -362,9 +362,9 @@ class NormInputs:
   ``xhat = (y - bias) / scale`` from the output ``y = scale * xhat + bias``
   (scale and bias broadcast over the layer's feature axes, any axes, not only
   the last); ``xhat`` comes with those axes last, flattened: ``(..., C)``. As
-  a convolution's patches, it is built inside the statistics branch: on the
-  steps in between it cost a transformer LM's step 2 ms of elementwise passes
-  over every LayerNorm's output. ``shape`` and ``dtype`` are ``xhat``'s.
+  a convolution's patches, it is built inside the statistics branch only:
+  derived at every step, it was elementwise passes over every norm's output
+  that only the statistics read. ``shape`` and ``dtype`` are ``xhat``'s.
   """
 
   def __init__(self, y, scale, bias, axes: tuple[int, ...]):
