@@ -236,8 +236,24 @@ class _ConvGeometry:
     return jnp.pad(x, [(0, 0), *self.pads, (0, 0)], mode=self.mode)
 
 
+class _LazyInputs:
+  """Inputs built from ``source`` by ``materialize()``, which the transform
+  calls inside its statistics branch only; ``shape`` (each subclass's) and
+  ``dtype`` are the built array's."""
+
+  source: jax.Array
+
+  @property
+  def ndim(self):
+    return len(self.shape)
+
+  @property
+  def dtype(self):
+    return self.source.dtype
+
+
 @jax.tree_util.register_pytree_node_class
-class ConvInputs:
+class ConvInputs(_LazyInputs):
   """A convolution's input, turned into im2col patches only when used.
 
   The transform calls ``materialize()`` inside its statistics branch, so the
@@ -258,16 +274,12 @@ class ConvInputs:
     return cls(children[0], geometry)
 
   @property
+  def source(self):
+    return self.x
+
+  @property
   def shape(self):
     return self.geometry.shape(self.x.shape)
-
-  @property
-  def ndim(self):
-    return len(self.shape)
-
-  @property
-  def dtype(self):
-    return self.x.dtype
 
   @property
   def positions(self):
@@ -356,7 +368,7 @@ def _feature_axes(layer, ndim: int) -> tuple[int, ...]:
 
 
 @jax.tree_util.register_pytree_node_class
-class NormInputs:
+class NormInputs(_LazyInputs):
   """A norm layer's normalized input ``xhat``, derived from its output only when used.
 
   ``xhat = (y - bias) / scale`` from the output ``y = scale * xhat + bias``
@@ -378,17 +390,13 @@ class NormInputs:
     return cls(*children, axes)
 
   @property
+  def source(self):
+    return self.y
+
+  @property
   def shape(self):
     kept = tuple(n for i, n in enumerate(self.y.shape) if i not in self.axes)
     return kept + (math.prod(self.y.shape[i] for i in self.axes),)
-
-  @property
-  def ndim(self):
-    return len(self.shape)
-
-  @property
-  def dtype(self):
-    return self.y.dtype
 
   def materialize(self):
     y, axes = self.y, self.axes
