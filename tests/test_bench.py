@@ -112,6 +112,21 @@ def test_interleaved_runs_take_turns_and_equal_runs_one_after_another():
   assert alone[0]["history"][-1]["train_loss"] != alone[2]["history"][-1]["train_loss"]
 
 
+def test_time_to_target_is_the_first_of_a_tasks_measurements_at_the_target():
+  dataset = _random_dataset((12,), 3)
+  task = bench.Task("mlp-8-evals", lambda: dataset,
+                    lambda: models.MLP((8,), outputs=3), 8, epochs=1,
+                    target=0.0, evals_per_epoch=8)
+  history = bench.train(task, dataset, "adam", 1e-2)["history"]
+  assert [h["epoch"] for h in history] == [k / 8 for k in range(9)]
+  losses = [h["train_loss"] for h in history]
+  reached = bench.train(dataclasses.replace(task, target=losses[5]), dataset,
+                        "adam", 1e-2)
+  first = next(k for k, loss in enumerate(losses) if loss <= losses[5])
+  assert reached["epochs_to_target"] == first / 8
+  assert reached["time_to_target"] == reached["history"][first]["wall"] > 0
+
+
 def test_a_loop_of_steps_trains_as_the_scan_does():
   # The CNN tasks run a jitted step in a loop (XLA:CPU's convolutions are
   # slow inside a scan's while loop); the two forms must take the same steps.
