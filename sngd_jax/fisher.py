@@ -280,7 +280,7 @@ class _Block:
   """What every block shares: its statistic's scale under weight sharing.
 
   A block reads an activations entry: ``entry["inputs"]`` (a convolution's
-  lazily, through ``materialized``) and, for the kinds that need them,
+  and a norm's lazily, through ``materialized``) and, for the kinds that need them,
   ``entry["outputs"]``.
   """
 
