@@ -229,6 +229,32 @@ def test_a_refresh_remeasures_the_momentum_buffer_in_the_new_metric():
       0.81 * expected + 2 * 0.9 * float(cross) + float(v_dot_g), rtol=1e-5)
 
 
+@pytest.mark.parametrize("ema_decay, refreshed", [
+    # Young (weight < 0.9) for 45 steps, then the rest of the first interval:
+    # a refresh at each statistic until step inverse_every, then every 100.
+    (0.95, [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]),
+    (0.0, [0, 100]),  # no EMA: no warm-up, the plain schedule
+])
+def test_the_first_inverse_interval_refreshes_at_each_statistic(ema_decay,
+                                                                  refreshed):
+  params = mlp_params(jax.random.PRNGKey(0), [3, 2])
+  tx = sngd_jax.scale_by_sngd(ema_decay=ema_decay, stats_every=10,
+                              inverse_every=100, nystrom=None,
+                              output_factor=False)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  grads = jax.tree.map(jnp.ones_like, params)
+  changed = []
+  for step in range(130):
+    x = jax.random.normal(jax.random.PRNGKey(step), (5, 3))
+    _, acts = loss_and_acts(params, x, jnp.zeros(5, jnp.int32))
+    old = state.preconditioners["layer0"]
+    _, state = update(grads, state, params, activations=acts)
+    if not np.array_equal(old, state.preconditioners["layer0"]):
+      changed.append(step)
+  assert changed == refreshed
+
+
 @pytest.mark.parametrize("sharing", ["auto", "expand"])
 def test_the_clip_counts_every_step_of_an_auto_expanded_recurrent_cell(sharing):
   """``auto`` expands a scanned cell's statistic (a mean over its steps) but
