@@ -505,9 +505,7 @@ def scale_by_sngd(
     stats_every: update the statistics every this many steps (every step,
       with a refresh every ``stats_every`` steps, while the EMA's weight is
       below 0.9).
-    inverse_every: refresh the inverses every this many steps (on step 0 too;
-      with ``ema_decay > 0``, at each statistic through the first
-      ``inverse_every`` steps).
+    inverse_every: refresh the inverses every this many steps (on step 0 too).
     layer_fisher: the local Fisher of dense and convolution layers:
       ``"linear"`` (one ``E[x~ x~^T]`` block shared by the output units),
       ``"relu"``, ``"sigmoid"``, ``"tanh"``, ``"elu"`` (a block per output
@@ -808,12 +806,8 @@ def scale_by_sngd(
                        ema_decay * state.stats_weight + (1 - ema_decay),
                        state.stats_weight).astype(state.stats_weight.dtype)
     warm_damping = (relative_damping + 1 - weight) / jnp.maximum(weight, 1e-30)
-    # An EMA is refreshed at each statistic through its first inverse_every
-    # steps too: the shrinkage is still ~10% there and the model changes
-    # fastest, and one interval is most of a short run.
-    warming = young | ((count < inverse_every) & (ema_decay > 0))
     refresh = for_every_model(((count % inverse_every == 0)
-                               | (warming & (count % stats_every == 0)))
+                               | (young & (count % stats_every == 0)))
                               & (weight > 0))
     # Refreshes keep a cond per layer (one cond around all of them, each with
     # its retry cond inside, deadlocks XLA:CPU's concurrent scheduler in jax
