@@ -161,13 +161,13 @@ def ngd_step(model, loss, params, clip, args, warm):
 
 def block_mask(params, blocks):
   """1 where two parameters' Fisher entry is kept, by ``--blocks``."""
-  def group(path, x):
+  def group(path):
     names = "/".join(str(getattr(k, "key", k)) for k in path[:-1])
     if blocks == "cell" and "Cell" in names:  # the layers reading h, and x
       names = names.rsplit("/", 1)[0] + "/" + names.rsplit("/", 1)[1][0]
     return names
 
-  groups = [group(path, x) for path, x in
+  groups = [group(path) for path, _ in
             jax.tree_util.tree_flatten_with_path(params)[0]]
   sizes = [x.size for x in jax.tree.leaves(params)]
   ids = np.repeat(np.unique(groups, return_inverse=True)[1], sizes)
