@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+import sngd_jax
 from sngd_jax.bench import harness
 
 STATS_EVERY, REFRESH_EVERY, EMA_DECAY, WARM_BATCHES = 5, 20, 0.9, 10
@@ -93,8 +94,10 @@ def optax_step(model, loss, params, clip, args):
   needs_activations = args.optimizer == "sngd"
 
   def objective(params, x, y):
-    logits, _, acts = harness._forward(model, {"params": params}, x, True,
-                                       needs_activations)
+    if needs_activations:
+      logits, acts = sngd_jax.linen_capture(model, {"params": params}, x)
+    else:
+      logits, acts = model.apply({"params": params}, x), None
     return loss(logits, x, y), acts
 
   @jax.jit
@@ -113,7 +116,7 @@ def optax_step(model, loss, params, clip, args):
 
 def ngd_step(model, loss, params, clip, args, warm):
   """A step of natural gradient descent with the model's whole GGN."""
-  flat, unravel = ravel_pytree(params)
+  _, unravel = ravel_pytree(params)
 
   def logits(w, x):
     return model.apply({"params": unravel(w)}, x)
@@ -132,12 +135,12 @@ def ngd_step(model, loss, params, clip, args, warm):
     return jnp.einsum("bkd,bke->de", hj, jacobian) / x.shape[0]
 
   mask = block_mask(params, args.blocks)
-  average = sum(fisher(flat, x) for x, _ in warm) / len(warm)
-  state = dict(w=flat, fisher=average, momentum=jnp.zeros_like(flat),
-               count=0)
+  w0 = ravel_pytree(params)[0]
+  state = dict(fisher=sum(fisher(w0, x) for x, _ in warm) / len(warm),
+               momentum=jnp.zeros_like(w0), count=0)
 
   def step(params, x, y):
-    w, count = state["w"], state["count"]
+    w, count = ravel_pytree(params)[0], state["count"]
     if count % STATS_EVERY == 0:
       state["fisher"] = (EMA_DECAY * state["fisher"]
                          + (1 - EMA_DECAY) * fisher(w, x))
@@ -153,8 +156,8 @@ def ngd_step(model, loss, params, clip, args, warm):
     kl = args.lr ** 2 * float(m @ (state["damped"] @ m))
     if kl > args.budget:
       m = m * np.sqrt(args.budget / kl)
-    state.update(w=w - args.lr * m, momentum=m, count=count + 1)
-    return unravel(state["w"])
+    state.update(momentum=m, count=count + 1)
+    return unravel(w - args.lr * m)
 
   return step
 
