@@ -25,10 +25,14 @@ What each layer records (the transform reads ``inputs``/``outputs``):
 Cells inside ``nnx.RNN``, ``nn.RNN``, ``nn.scan`` or any ``jax.lax.scan`` are
 captured at every step, and layers inside ``nnx.remat``, ``nn.remat`` or
 ``jax.checkpoint`` applied during the forward pass. Layers stacked over a scan
-(one kernel per step) and layers in a function checkpointed before the capture
-began are not: they get the plain gradient, and the transform's warning names
-them. An entry recorded inside a scan carries ``"scanned": fisher.Scanned()``
-(a static pytree node): ``weight_sharing="auto"`` expands those.
+(a model that scans over its blocks: ``nnx.scan``/``nn.scan``/``lax.scan``
+over params with a leading layer axis) are recorded once for the stack, every
+array leading with the layer axis ``(layers, B, ..., d)`` and marked
+``"stacked": fisher.Stacked()``: each layer gets its own block. Layers in a
+function checkpointed before the capture began are not captured: they get the
+plain gradient, and the transform's warning names them. An entry recorded
+inside a scan over time carries ``"scanned": fisher.Scanned()`` (a static
+pytree node): ``weight_sharing="auto"`` expands those.
 """
 
 from __future__ import annotations
@@ -456,8 +460,8 @@ def _merge(entries: list[dict]) -> dict:
     return jax.tree.map(jax.lax.stop_gradient, entries[0])
   merged: dict[str, Any] = {}
   for key in dict.fromkeys(k for e in entries for k in e):
-    if key == fisher.SCANNED:  # a use inside a scan marks them all
-      merged[key] = fisher.Scanned()
+    if key in (fisher.SCANNED, fisher.STACKED):  # a use inside a scan
+      merged[key] = next(e[key] for e in entries if key in e)  # marks them all
       continue
     parts = [fisher.materialized(e[key]) for e in entries if key in e]
     ids = jnp.issubdtype(parts[0].dtype, jnp.integer)
@@ -503,6 +507,10 @@ class _Frame:
   def __init__(self):
     self.trace = self._current_trace()
     self.record: dict[Any, list] = defaultdict(list)
+    # A linen layer's first parameter as its call saw it (an NNX key holds
+    # its own): inside a scan, a slice of the scanned inputs marks a layer
+    # stacked over the scan.
+    self.probes: dict[Any, Any] = {}
 
   @staticmethod
   def _current_trace():
@@ -517,10 +525,11 @@ class _Frame:
 _FRAMES: list[_Frame] = []
 
 
-def _record(key, entry):
+def _record(key, entry, probe=None):
   frame = _FRAMES[-1]
   if entry is not None and frame.is_current():
     frame.record[key].append(entry)
+    frame.probes[key] = probe
 
 
 class _Ref:
@@ -540,20 +549,25 @@ class _Ref:
     return isinstance(other, _Ref) and other.value is self.value
 
 
-def _outer_key(key, carry, init, xs):
-  """The key of an inner record outside the scan; None for scanned params.
+def _outer_key(key, probe, carry, init, xs=(), outer_xs=()):
+  """``(key outside the scan, stacked)`` of an inner record.
 
-  ``carry``, ``init`` and ``xs`` are flat leaf lists, taken before the body
-  ran (NNX consumes its carried deques).
+  ``stacked``: the layer's parameter (an NNX key's value, else ``probe``) is
+  a slice of the scanned inputs ``xs`` (``outer_xs`` outside): one layer of
+  a stack the scan runs through, keyed by the stacked parameter. ``carry``,
+  ``init`` and ``xs`` are flat leaf lists, taken before the body ran (NNX
+  consumes its carried deques).
   """
+  value = key.value if isinstance(key, _Ref) else probe
+  for inner, outer in zip(xs, outer_xs):
+    if value is not None and inner is value:
+      return (_Ref(outer) if isinstance(key, _Ref) else key), True
   if not isinstance(key, _Ref):
-    return key  # linen scope paths are the same inside and out.
+    return key, False  # linen scope paths are the same inside and out.
   for inner, outer in zip(carry, init):
     if inner is key.value:
-      return _Ref(outer)
-  if any(leaf is key.value for leaf in xs):
-    return None  # A layer stacked over the scan: not supported.
-  return key  # A closed-over value is the outer one.
+      return _Ref(outer), False
+  return key, False  # A closed-over value is the outer one.
 
 
 def _examples_first(stacked):
@@ -575,7 +589,7 @@ def _capturing_scan(original):
 
   def scan(f, init, xs=None, length=None, **kwargs):
     layouts = []
-    init_leaves = jax.tree.leaves(init)
+    init_leaves, xs_leaves = jax.tree.leaves(init), jax.tree.leaves(xs)
 
     def body(carry, x):
       carry_leaves, x_leaves = jax.tree.leaves(carry), jax.tree.leaves(x)
@@ -592,12 +606,13 @@ def _capturing_scan(original):
       # fifth of the MNIST-1D GRU's step.
       layouts[:], outputs, sources = [], [], {}
       for key, uses in frame.record.items():
-        outer_key = _outer_key(key, carry_leaves, init_leaves, x_leaves)
-        if outer_key is None:
-          continue
+        outer_key, stacked = _outer_key(key, frame.probes[key], carry_leaves,
+                                        init_leaves, x_leaves, xs_leaves)
         layout = {}
         for name, value in _merge(uses).items():
-          if name == fisher.SCANNED:
+          if name in (fisher.SCANNED, fisher.STACKED):
+            if stacked:  # a recurrent cell inside a stacked block stays one
+              layout[name] = ("marker", value)
             continue
           if isinstance(value, NormInputs):  # its axes would move when stacked
             value = value.materialize()
@@ -613,24 +628,30 @@ def _capturing_scan(original):
               sources[id(raw)] = len(outputs)
               outputs.append(value)
             layout[name] = ("output", sources[id(raw)])
-        layouts.append((outer_key, layout))
+        layouts.append((outer_key, stacked, layout))
       return carry_out, (y, outputs)
 
-    carry, (ys, stacked) = original(body, init, xs, length, **kwargs)
-    xs_leaves = jax.tree.leaves(xs)
+    carry, (ys, outputs) = original(body, init, xs, length, **kwargs)
     steps = length if length is not None else xs_leaves[0].shape[0]
-    for key, layout in layouts:
+    for key, stacked, layout in layouts:
       entry = {}
       for name, (source, where) in layout.items():
-        if source == "output":
-          value = stacked[where]
+        if source == "marker":
+          value = where
+        elif source == "output":
+          value = outputs[where]
         elif source == "xs":
           value = jax.lax.stop_gradient(xs_leaves[where])
         else:
           value = np.broadcast_to(where, (steps,) + where.shape)
-        entry[name] = _examples_first(value)
-      # Marked: its uses are the scan's iterations (weight_sharing "auto").
-      _record(key, {**entry, fisher.SCANNED: fisher.Scanned()})
+        # A stack's entry leads with its layers; a cell's uses are steps of
+        # each example.
+        entry[name] = value if stacked else _examples_first(value)
+      # Marked: its uses are the scan's iterations (weight_sharing "auto"),
+      # or its rows are the layers of a stack.
+      marker = ({fisher.STACKED: fisher.Stacked()} if stacked
+                else {fisher.SCANNED: fisher.Scanned()})
+      _record(key, {**entry, **marker})
     return carry, ys
 
   return scan
@@ -665,7 +686,7 @@ def _capturing_checkpoint(original):
       out, records = checkpointed(*args, **call_kwargs)
       outer_leaves = jax.tree.leaves((out, args, call_kwargs))
       for key, uses in zip(keys, records):
-        outer_key = _outer_key(key, inner_leaves, outer_leaves, [])
+        outer_key, _ = _outer_key(key, None, inner_leaves, outer_leaves)
         for use in uses:
           _record(outer_key, use)
       return out
@@ -938,9 +959,11 @@ def linen_capture(module, variables, *args, **kwargs) -> tuple[Any, dict]:
     if kind is None:
       return y
     params = layer.variables.get("params", {})
+    probe = next((params[name] for name in ("kernel", "embedding", "scale",
+                                            "bias") if name in params), None)
     _record(tuple(layer.scope.path), _entry(
         kind, layer, call_args[0], y, params.get("scale"), params.get("bias"),
-        _call_einsum_str(call_args[1:], call_kwargs)))
+        _call_einsum_str(call_args[1:], call_kwargs)), probe)
     return y
 
   with _capturing() as record, nn.intercept_methods(interceptor):

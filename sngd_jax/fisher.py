@@ -200,6 +200,19 @@ class Scanned:
   """Marks an entry whose uses are the iterations of a scan."""
 
 
+# The key of an activations entry of layers stacked over a scan (a model
+# that scans over its blocks: ``nnx.scan``/``nn.scan`` over params with a
+# leading layer axis); its value is ``Stacked()``. The entry's arrays lead
+# with that layer axis, ``(layers, B, ..., d)``: each layer has its own block.
+STACKED = "stacked"
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Stacked:
+  """Marks an entry whose leading axis is the layers of a stack."""
+
+
 def _position_axes(inputs) -> tuple[int, ...]:
   """The sizes of the inputs' position axes: every axis but the first (the
   examples) and the features (token ids have none)."""

@@ -24,6 +24,8 @@ from sngd_jax import fisher, linalg, split
 PerLayer = str | Mapping[str, str] | Callable[[str], str]
 # How many trailing kernel axes are outputs, per layer (None: inferred).
 OutputAxes = None | int | Mapping[str, int] | Callable[[str], int | None]
+# Whether a layer's params lead with a layer axis, per layer (None: inferred).
+Stacked = None | bool | Mapping[str, bool] | Callable[[str], bool | None]
 WEIGHT_SHARING = ("auto", "reduce", "expand")
 # stats_positions="auto": positions per example a statistic samples, by how
 # the layer's uses share the loss. Under "reduce" they are one example's
@@ -108,7 +110,10 @@ class Layer:
   """One preconditioned module.
 
   ``leaves`` lists its parameters in the order they stack into the gradient
-  matrix ``g (n, d_out)``: ``(leaf index, parameter name, rows)``.
+  matrix ``g (n, d_out)``: ``(leaf index, parameter name, rows)``. A stack
+  (``stack`` layers whose params lead with a layer axis, run by a scan over
+  the model's blocks) has a block per layer: its statistics, preconditioners
+  and ``g`` lead with that axis, ``(stack, n, d_out)``.
   """
 
   path: str
@@ -117,8 +122,19 @@ class Layer:
   leaves: tuple[tuple[int, str, int], ...]
   d_in: int
   d_out: int
-  kernel_shape: tuple[int, ...] = ()
+  kernel_shape: tuple[int, ...] = ()  # one layer's
   output_axes: int = 1
+  stack: int = 0  # layers on the leading axis; 0: a single layer
+
+  @property
+  def lead(self) -> tuple[int, ...]:
+    """The leading shape of the layer's arrays: ``(stack,)`` or ``()``."""
+    return (self.stack,) if self.stack else ()
+
+  def each(self, function):
+    """``function`` applied to each layer of a stack (``jax.vmap`` over every
+    argument's leading axis); a single layer's unchanged."""
+    return jax.vmap(function) if self.stack else function
 
 
 def _resolve(option, path: str, default):
@@ -133,8 +149,25 @@ def _resolve(option, path: str, default):
   return option(path)
 
 
+def _stacked_by_bias(kernel_shape, bias_shape) -> bool | None:
+  """Whether a kernel leads with a layer axis, as its bias shows; None: no bias.
+
+  A stack's bias ``(layers, *outputs)`` leads with the kernel's layer axis and
+  ends with its output axes; a single layer's bias is the output axes alone.
+  """
+  if bias_shape is None:
+    return None
+  kernel_shape, bias_shape = tuple(kernel_shape), tuple(bias_shape)
+  if bias_shape and kernel_shape[-len(bias_shape):] == bias_shape:
+    return False
+  return (len(bias_shape) >= 2 and len(kernel_shape) >= 3
+          and bias_shape[0] == kernel_shape[0]
+          and kernel_shape[len(kernel_shape) - len(bias_shape) + 1:]
+          == bias_shape[1:])
+
+
 def _kernel_output_axes(path, kernel_shape, bias_shape, output_axes):
-  """How many trailing kernel axes are outputs; None for a scan-stacked kernel.
+  """How many trailing axes of one layer's kernel are outputs.
 
   ``output_axes`` decides where it names the layer; else the bias does (its
   shape is the output axes': attention's q/k/v ``(heads, head_dim)``); else
@@ -148,9 +181,6 @@ def _kernel_output_axes(path, kernel_shape, bias_shape, output_axes):
     outputs = chosen
   elif bias_shape and tuple(kernel_shape[-len(bias_shape):]) == tuple(bias_shape):
     outputs = min(len(bias_shape), len(kernel_shape) - 1)
-  elif bias_shape is not None and len(kernel_shape) > 2 and tuple(
-      bias_shape) == tuple(kernel_shape[:-2]) + (kernel_shape[-1],):
-    return None
   else:
     outputs = 1
   if bias_shape is not None:
@@ -171,13 +201,19 @@ def _dense_block(kind, path, n, d_out, bias, nystrom):
   return fisher.PerUnit(n, d_out, fisher.NU[kind])
 
 
-def plan_layers(tree, layer_fisher, nystrom, output_axes=None):
+def plan_layers(tree, layer_fisher, nystrom, output_axes=None, stacked=None):
   """Groups the leaves of ``tree`` (params or gradients) into layers.
 
   A module is the parent of a ``kernel`` (dense, convolution, attention
   projection: its leading axes are inputs and its trailing axes outputs, read
   as ``(d_in, d_out)``; see ``_kernel_output_axes``), of an ``embedding``
   table, or of ``scale``/``bias`` without a kernel (normalization layers).
+  A module whose params lead with a layer axis (a model that scans over its
+  blocks) is a stack of such layers: ``stacked`` says so per layer; where it
+  is None, a kernel's bias shows it (``_stacked_by_bias``), and a module
+  without that evidence (a bias-free kernel, a norm) is stacked where a
+  module beside it, under the same parent, was found stacked with as many
+  layers.
 
   Returns:
     ``(layers, passthrough)``: the layers (none where ``layer_fisher`` maps a
@@ -199,12 +235,28 @@ def plan_layers(tree, layer_fisher, nystrom, output_axes=None):
             jax.tree_util.tree_flatten_with_path(
                 tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
             if isinstance(leaf, optax.MaskedNode)]
+  stacks = _stack_evidence(modules, stacked)
+
+  def stack_of(module_path, children) -> int:
+    """How many layers a module's params stack (0: one layer)."""
+    names = [name for name in ("kernel", "embedding", "scale", "bias")
+             if name in children]
+    if not names:
+      return 0
+    shape = np.shape(children[names[0]][1])
+    choice = _stack_choice(module_path, children, stacked)
+    if choice is None:
+      choice = any(module_path[:depth] + shape[:1] in stacks
+                   for depth in range(1, len(module_path)))
+    least = 3 if "kernel" in children or "embedding" in children else 2
+    return shape[0] if choice and len(shape) >= least else 0
+
   layers, claimed = [], set()
   for module_path, children in modules.items():
     if any(module_path[:len(m)] == m or module_path == m[:-1] for m in masked):
       continue  # partly masked: its other leaves get the plain gradient
     layer = _module_layer(path_str(module_path), children, layer_fisher,
-                          nystrom, output_axes)
+                          nystrom, output_axes, stack_of(module_path, children))
     if layer is not None:
       layers.append(layer)
       claimed.update(index for index, _, _ in layer.leaves)
@@ -213,9 +265,37 @@ def plan_layers(tree, layer_fisher, nystrom, output_axes=None):
   return layers, passthrough
 
 
-def _module_layer(path, children, layer_fisher, nystrom, output_axes):
+def _stack_choice(module_path, children, stacked) -> bool | None:
+  """Whether a module is a stack, as ``stacked`` or its kernel's bias says;
+  None where neither does."""
+  choice = None if stacked is None else _resolve(
+      stacked, path_str(module_path), None)
+  if choice is None and "kernel" in children and "bias" in children:
+    choice = _stacked_by_bias(np.shape(children["kernel"][1]),
+                              np.shape(children["bias"][1]))
+  return choice
+
+
+def _stack_evidence(modules, stacked) -> set[tuple]:
+  """``(*ancestor path, layers)`` for every ancestor of a kernel that is a
+  stack by ``_stack_choice``: the ancestor's other modules with as many
+  layers on their leading axis are stacks too."""
+  evidence: set[tuple] = set()
+  for module_path, children in modules.items():
+    kernel = np.shape(children["kernel"][1]) if "kernel" in children else ()
+    if len(kernel) >= 3 and _stack_choice(module_path, children, stacked):
+      evidence.update(module_path[:depth] + kernel[:1]
+                      for depth in range(1, len(module_path)))
+  return evidence
+
+
+def _module_layer(path, children, layer_fisher, nystrom, output_axes, stack):
+  """The layer of one module (None if it has none); ``stack``: how many
+  layers its params stack on their leading axis (0: one layer)."""
+  lead = 1 if stack else 0
+
   def shape(name):
-    return np.shape(children[name][1])
+    return np.shape(children[name][1])[lead:]
 
   def leaf(name, rows):
     return (children[name][0], name, rows)
@@ -232,8 +312,6 @@ def _module_layer(path, children, layer_fisher, nystrom, output_axes):
       return None
     bias = shape("bias") if "bias" in children else None
     outputs = _kernel_output_axes(path, kernel_shape, bias, output_axes)
-    if outputs is None:
-      return None  # Layers stacked for a scan: one kernel per step.
     d_out = math.prod(kernel_shape[len(kernel_shape) - outputs:])
     d_in = math.prod(kernel_shape[:len(kernel_shape) - outputs])
     leaves = [leaf("kernel", d_in)]
@@ -242,7 +320,7 @@ def _module_layer(path, children, layer_fisher, nystrom, output_axes):
     n = len(leaves) - 1 + d_in
     block = _dense_block(kind, path, n, d_out, bias is not None, nystrom)
     return Layer(path, kind, block, tuple(leaves), d_in, d_out,
-                 tuple(kernel_shape), outputs)
+                 tuple(kernel_shape), outputs, stack)
 
   if not isinstance(layer_fisher, str) and _resolve(layer_fisher, path, "linear") == "none":
     return None
@@ -250,7 +328,8 @@ def _module_layer(path, children, layer_fisher, nystrom, output_axes):
     table = shape("embedding")
     return Layer(path, "embedding",
                  fisher.Embedding(table[0], math.prod(table[1:])),
-                 (leaf("embedding", table[0]),), 1, math.prod(table[1:]))
+                 (leaf("embedding", table[0]),), 1, math.prod(table[1:]),
+                 stack=stack)
   if "scale" in children or "bias" in children:
     names = [name for name in ("scale", "bias") if name in children]
     channels = {math.prod(shape(name)) for name in names}
@@ -259,7 +338,7 @@ def _module_layer(path, children, layer_fisher, nystrom, output_axes):
     d_out = channels.pop()
     return Layer(path, "affine",
                  fisher.Affine(len(names), d_out, "scale" in children),
-                 tuple(leaf(name, 1) for name in names), 1, d_out)
+                 tuple(leaf(name, 1) for name in names), 1, d_out, stack=stack)
   return None
 
 
@@ -271,7 +350,8 @@ def _is_entry(x) -> bool:
   return isinstance(x, Mapping) and ("inputs" in x or "attend" in x)
 
 
-_ENTRY_KEYS = ("inputs", "outputs", "attend", fisher.SLOPES, fisher.SCANNED)
+_ENTRY_KEYS = ("inputs", "outputs", "attend", fisher.SLOPES, fisher.SCANNED,
+               fisher.STACKED)
 
 
 def flatten_activations(activations, prefix=()) -> dict[str, Mapping]:
@@ -294,8 +374,38 @@ def flatten_activations(activations, prefix=()) -> dict[str, Mapping]:
   return flat
 
 
+def _check_stack(layer: Layer, entry: Mapping):
+  """Raises a ValueError naming the layer's path where its params and its
+  entry disagree on being a stack (a scan over the model's blocks)."""
+  where = f"activations[{layer.path!r}]"
+  if fisher.STACKED in entry and not layer.stack:
+    raise ValueError(
+        f"{where} was captured from a scan over stacked layers (its arrays "
+        f"lead with the layer axis: {np.shape(_recorded(entry))}), but the "
+        f"params of {layer.path!r} were not read as a stack (no bias shows "
+        f"the layer axis): pass stacked={{{layer.path!r}: True}} (or a glob "
+        "pattern of the stacked modules)")
+  if layer.stack and fisher.STACKED not in entry:
+    raise ValueError(
+        f"the params of {layer.path!r} were read as a stack of {layer.stack} "
+        f"layers (a leading layer axis), but {where} is one layer's (not "
+        "captured inside a scan over them): pass stacked={"
+        f"{layer.path!r}: False}} if its leading axis is not a layer axis")
+  if layer.stack and np.shape(_recorded(entry))[:1] != (layer.stack,):
+    raise ValueError(
+        f"{where} has shape {np.shape(_recorded(entry))}; the stack's params "
+        f"lead with {layer.stack} layers")
+
+
+def _recorded(entry: Mapping):
+  """The entry's main record: a layer's inputs, an embedding's ``attend``."""
+  return entry.get("inputs", entry.get("attend"))
+
+
 def _check_entry(layer: Layer, entry: Mapping):
   """Raises a ValueError naming the layer's path if its activations do not fit."""
+  _check_stack(layer, entry)
+  entry = _one_layer(layer, entry)
   where = f"activations[{layer.path!r}]"
   if layer.kind == "embedding":
     if "inputs" in entry and not jnp.issubdtype(
@@ -458,6 +568,7 @@ def scale_by_sngd(
     nesterov: bool = False,
     weight_sharing: PerLayer = "auto",
     output_axes: OutputAxes = None,
+    stacked: Stacked = None,
     axis_name: str | None = None,
     vmap_axis_name: str | None = None,
     stats_positions: int | str | None = "auto",
@@ -561,6 +672,17 @@ def scale_by_sngd(
       ``(heads, head_dim, d_model)``). Bias-free multi-output kernels need it:
       ``output_axes={"*/query": 2, "*/key": 2, "*/value": 2}``. An int, a
       mapping from glob patterns, or a callable of the path (None: inferred).
+    stacked: whether a module's params lead with a layer axis: a model that
+      scans over its blocks (``nnx.vmap``-made blocks run by ``nnx.scan``,
+      linen ``nn.scan`` with ``variable_axes={"params": 0}``). Each layer of
+      a stack gets its own block, refreshed together with its stack's
+      others (batched). ``None`` (default): inferred, from a kernel's bias
+      (``(layers, *outputs)``) and, for a module without one (a bias-free
+      kernel, a norm), from a module under the same parent found stacked
+      with as many layers. A model without biases needs it named:
+      ``stacked={"blocks/*": True}``. A bool, a mapping from glob patterns,
+      or a callable of the path (None: inferred). The capture records a
+      stack's activations with the layer axis first (``"stacked"``).
     axis_name: under ``jax.pmap`` (or ``shard_map``), the mapped axis whose
       devices each see a shard of the batch: the statistics are averaged over
       it (``jax.lax.pmean``), so every device holds the same state. Not needed
@@ -660,7 +782,7 @@ def scale_by_sngd(
     return 1
 
   def plan(tree):
-    return plan_layers(tree, layer_fisher, nystrom, output_axes)
+    return plan_layers(tree, layer_fisher, nystrom, output_axes, stacked)
 
   def with_output_factor(layer):
     return (output_factor and isinstance(layer.block, (fisher.Linear,
@@ -682,7 +804,8 @@ def scale_by_sngd(
                               jnp.zeros([], jnp.float32), "per layer",
                               "per layer")
     _warn_unmatched(params, layer_fisher=layer_fisher,
-                    weight_sharing=weight_sharing, output_axes=output_axes)
+                    weight_sharing=weight_sharing, output_axes=output_axes,
+                    stacked=stacked)
     return _inline_or_compiled(init, compiled_init, params)
 
   def init(params):
@@ -694,13 +817,14 @@ def scale_by_sngd(
       identity = layer.block.init(dtype)
       # The EMA starts at zero (stats_weight corrects its bias). Until a
       # first refresh succeeds, the preconditioner is the identity.
-      stats[layer.path] = jax.tree.map(jnp.zeros_like, identity)
-      preconditioners[layer.path] = layer.block.refresh(
-          identity, linalg.Damping(0.0, 0.0), solver)
+      precond = layer.block.refresh(identity, linalg.Damping(0.0, 0.0), solver)
+      stats[layer.path] = _each_of(layer, jax.tree.map(jnp.zeros_like,
+                                                       identity))
+      preconditioners[layer.path] = _each_of(layer, precond)
       if with_output_factor(layer):
-        output_stats[layer.path] = jnp.zeros((layer.d_out,) * 2, dtype)
-        output_factors[layer.path] = (jnp.eye(layer.d_out, dtype=dtype),
-                                      jnp.eye(layer.d_out, dtype=dtype))
+        eye = _each_of(layer, jnp.eye(layer.d_out, dtype=dtype))
+        output_stats[layer.path] = jnp.zeros_like(eye)
+        output_factors[layer.path] = (eye, jnp.copy(eye))
     # Distinct arrays (not one shared zero) so that the state can be donated.
     zeros = [jnp.zeros([], jnp.int32) for _ in range(4)]
     return ScaleBySNGDState(zeros[0], jnp.zeros([]), stats,
@@ -751,6 +875,9 @@ def scale_by_sngd(
                     stacklevel=_user_stacklevel())
     for path, entry in entries.items():
       _check_entry(by_path[path], entry)
+    # A stack's entry without its marker: vmapped over its layers.
+    entries = {path: _stack_rows(by_path[path], entry)
+               for path, entry in entries.items()}
 
     leaves, treedef = jax.tree.flatten(updates)
     active = {path: by_path[path] for path in entries}
@@ -772,8 +899,7 @@ def scale_by_sngd(
       # device and every model draws the same ones.
       step_key = jax.random.fold_in(jax.random.key(0), count)
       for index, (path, layer) in enumerate(active.items()):
-        entry = entries[path]
-        with jax.named_scope(f"sngd/{path}"):
+        def statistic(entry, old, path=path, layer=layer, index=index):
           mode = sharing(path, entry)
           limit = (AUTO_STATS_POSITIONS[mode] if auto_positions
                    else stats_positions)
@@ -782,10 +908,13 @@ def scale_by_sngd(
                 entry, limit, jax.random.fold_in(step_key, index))
           else:
             sampled = entry
-          out[path], fault = _statistic_ema(
-              layer, sampled, entry, state.stats[path], ema_decay,
-              mode == "reduce", axis_name)
-        faults += fault.astype(jnp.int32)
+          return _statistic_ema(layer, sampled, entry, old, ema_decay,
+                                mode == "reduce", axis_name)
+
+        with jax.named_scope(f"sngd/{path}"):
+          out[path], fault = layer.each(statistic)(entries[path],
+                                                   state.stats[path])
+        faults += jnp.sum(fault).astype(jnp.int32)
       return out, faults
 
     # A young EMA (weight below 0.9, its first ~2/(1 - ema_decay) updates)
@@ -815,17 +944,16 @@ def scale_by_sngd(
     # block (kind and size) share a cond: their devices divide the group.
     fresh_preconditioners, inverse_faults = {}, jnp.zeros([], jnp.int32)
     for paths in _refresh_groups(active, stats, refresh_axis):
-      block = active[paths[0]].block
+      group = [active[p] for p in paths]
 
-      def refreshed_group(paths=paths, block=block):
+      def refreshed_group(paths=paths, group=group):
         fresh, faults = _refreshed(
-            block, split.stack([stats[p] for p in paths]),
-            split.stack([state.preconditioners[p] for p in paths]),
+            group[0].block, _stacked(group, [stats[p] for p in paths]),
+            _stacked(group, [state.preconditioners[p] for p in paths]),
             linalg.Damping(damping, warm_damping.astype(
                 jax.tree.leaves(stats[paths[0]])[0].dtype), max_condition),
             solver, weight > 0, for_every_model, refresh_axis)
-        return [jax.tree.map(lambda x, i=i: x[i], fresh)
-                for i in range(len(paths))], faults
+        return _unstacked(group, fresh), faults
 
       with jax.named_scope(f"sngd/{paths[0]}"):
         fresh, faults = jax.lax.cond(
@@ -839,8 +967,8 @@ def scale_by_sngd(
     for path, layer in active.items():
       with jax.named_scope(f"sngd/{path}/apply"):
         gradients[path] = _gradient_matrix(layer, preconditioners[path], leaves)
-        directions[path] = layer.block.apply(preconditioners[path],
-                                             gradients[path], entries[path])
+        directions[path] = layer.each(layer.block.apply)(
+            preconditioners[path], gradients[path], entries[path])
     factored = [path for path, layer in active.items()
                 if with_output_factor(layer)]
     output_stats, output_factors = dict(state.output_stats), dict(
@@ -857,7 +985,8 @@ def scale_by_sngd(
           old = state.output_stats[path]
           # Symmetrized at the refresh: here a transpose of a 512-output
           # layer's product cost more than the product.
-          product = (directions[path].T @ gradients[path]).astype(old.dtype)
+          product = (jnp.matrix_transpose(directions[path])
+                     @ gradients[path]).astype(old.dtype)
           if axis_name is not None:
             product = jax.lax.pmean(product, axis_name)
           ok = _all_finite(product)
@@ -878,11 +1007,12 @@ def scale_by_sngd(
         def refreshed_output(path=path):
           old = state.output_factors[path]
           mean = output_stats[path] / weight.astype(old[0].dtype)
-          fresh = linalg.output_roots(
-              (mean + mean.T) / 2,
-              weight.astype(old[0].dtype), OUTPUT_POWER, OUTPUT_RANGE)
-          ok = _all_finite(fresh)
-          return _where_blocks(ok, fresh, old), (~ok).astype(jnp.int32)
+          fresh = active[path].each(lambda mean: linalg.output_roots(
+              (mean + mean.T) / 2, weight.astype(old[0].dtype), OUTPUT_POWER,
+              OUTPUT_RANGE))(mean)
+          ok = _finite_blocks(fresh) if active[path].stack else _all_finite(
+              fresh)
+          return _where_blocks(ok, fresh, old), jnp.sum(~ok).astype(jnp.int32)
 
         with jax.named_scope(f"sngd/{path}/output_factor"):
           output_factors[path], faults = jax.lax.cond(
@@ -892,7 +1022,8 @@ def scale_by_sngd(
         inverse_faults += faults
     # Each layer's share of the clip's |.|_G^2, times its uses per example
     # where "auto" chose expand: the per-example Fisher sums over them.
-    weights = {path: clip_weight(path, entries[path]) for path in active}
+    weights = {path: clip_weight(path, _one_layer(active[path], entries[path]))
+               for path in active}
     momentum_norm = state.momentum_norm
     if momentum is not None:
       momentum_leaves = treedef.flatten_up_to(state.momentum)
@@ -902,7 +1033,8 @@ def scale_by_sngd(
           m = _gradient_matrix(layer, preconditioners[path], momentum_leaves)
           if path in output_factors:  # |m|^2 in A (x) R^p: |m R^{p/2}|^2 in A
             m = m @ output_factors[path][1]
-          return layer.block.metric(preconditioners[path], m, entries[path])
+          return jnp.sum(layer.each(layer.block.metric)(
+              preconditioners[path], m, entries[path]))
 
         norm = sum((weights[path] * layer_metric(path, layer).astype(
             jnp.float32) for path, layer in active.items()),
@@ -919,8 +1051,8 @@ def scale_by_sngd(
         directions[path] = directions[path] @ output_factors[path][0]
         quadratic = jnp.vdot(directions[path], g)
       else:
-        quadratic = layer.block.quadratic(preconditioners[path], g,
-                                          directions[path])
+        quadratic = jnp.sum(layer.each(layer.block.quadratic)(
+            preconditioners[path], g, directions[path]))
       vg += weights[path] * quadratic.astype(jnp.float32)
     norm = vg
     if momentum is not None:  # |beta m + v|_G^2, with G v = g
@@ -1010,7 +1142,9 @@ def refresh_group(block, stacked, damping: linalg.Damping, solver,
                   refresh_axis=None):
   """The preconditioners of ``k`` alike blocks stacked on a leading axis (one
   attempt: no retry); with ``refresh_axis`` its devices divide the work."""
-  if refresh_axis is None:  # one layer alone
+  if refresh_axis is None:  # each block on every device
+    if jax.tree.leaves(stacked)[0].shape[0] > 1:  # the layers of a stack
+      return jax.vmap(lambda s: block.refresh(s, damping, solver))(stacked)
     unstacked = jax.tree.map(lambda x: x[0], stacked)
     return jax.tree.map(lambda x: x[None], block.refresh(
         unstacked, damping, solver))
@@ -1097,11 +1231,12 @@ def _kl_clip_scale(vg, learning_rate, kl_clip):
 
 
 def _gradient_matrix(layer: Layer, precond, leaves: list):
-  """The layer's gradient leaves stacked as ``g (n, d_out)``, bias row last."""
+  """The layer's gradient leaves stacked as ``g (n, d_out)``, bias row last
+  (a stack's ``(stack, n, d_out)``)."""
   dtype = jax.tree.leaves(precond)[0].dtype
   return jnp.concatenate([
-      jnp.reshape(leaves[index], (rows, layer.d_out)).astype(dtype)
-      for index, _, rows in layer.leaves])
+      jnp.reshape(leaves[index], layer.lead + (rows, layer.d_out)).astype(dtype)
+      for index, _, rows in layer.leaves], axis=-2)
 
 
 def _write_back(layer: Layer, out, leaves: list):
@@ -1109,9 +1244,48 @@ def _write_back(layer: Layer, out, leaves: list):
   offset = 0
   for index, _, rows in layer.leaves:
     original = leaves[index]
-    leaves[index] = jnp.reshape(out[offset:offset + rows],
-                                original.shape).astype(original.dtype)
+    part = jax.lax.slice_in_dim(out, offset, offset + rows, axis=-2)
+    leaves[index] = jnp.reshape(part, original.shape).astype(original.dtype)
     offset += rows
+
+
+def _each_of(layer: Layer, tree):
+  """One layer's initial state, repeated for each layer of a stack."""
+  return jax.tree.map(
+      lambda x: jnp.broadcast_to(x, layer.lead + x.shape).copy(), tree)
+
+
+def _stack_rows(layer: Layer, entry):
+  """A stack's entry without its marker (its arrays lead with the layers)."""
+  if not layer.stack:
+    return entry
+  return {key: value for key, value in entry.items() if key != fisher.STACKED}
+
+
+def _one_layer(layer: Layer, entry):
+  """The entry of one layer of a stack (its first; read for shapes only)."""
+  if not layer.stack:
+    return entry
+  return jax.tree.map(lambda x: x[0], _stack_rows(layer, entry))
+
+
+def _stacked(group: list[Layer], trees: list):
+  """The state of a group of alike layers on one leading axis: a stack's
+  layers, one layer's block."""
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs), *[
+      tree if layer.stack else jax.tree.map(lambda x: x[None], tree)
+      for layer, tree in zip(group, trees)])
+
+
+def _unstacked(group: list[Layer], stacked) -> list:
+  """``_stacked``'s inverse: each layer's part of the group's state."""
+  parts, offset = [], 0
+  for layer in group:
+    size = max(layer.stack, 1)
+    part = jax.tree.map(lambda x, o=offset, n=size: x[o:o + n], stacked)
+    parts.append(part if layer.stack else jax.tree.map(lambda x: x[0], part))
+    offset += size
+  return parts
 
 
 def sngd(
@@ -1133,6 +1307,7 @@ def sngd(
     kl_clip: float | None = 0.3,
     weight_sharing: PerLayer = "auto",
     output_axes: OutputAxes = None,
+    stacked: Stacked = None,
     axis_name: str | None = None,
     vmap_axis_name: str | None = None,
     stats_positions: int | str | None = "auto",
@@ -1159,8 +1334,8 @@ def sngd(
     weight_decay_mask: ``optax.add_decayed_weights``' mask.
     ema_decay, damping, relative_damping, max_condition, stats_every,
     inverse_every, layer_fisher, solver, nystrom, kl_clip, weight_sharing,
-    output_axes, axis_name, vmap_axis_name, stats_positions, refresh_axis,
-    output_factor: see
+    output_axes, stacked, axis_name, vmap_axis_name, stats_positions,
+    refresh_axis, output_factor: see
       :func:`scale_by_sngd`. ``kl_clip`` bounds ``learning_rate^2 |m|_G^2``,
       the KL of the step momentum takes.
 
@@ -1182,7 +1357,7 @@ def sngd(
       kl_clip=kl_clip,
       learning_rate=1.0 if learning_rate is None else learning_rate,
       momentum=None if no_momentum else momentum, nesterov=nesterov,
-      weight_sharing=weight_sharing, output_axes=output_axes,
+      weight_sharing=weight_sharing, output_axes=output_axes, stacked=stacked,
       axis_name=axis_name, vmap_axis_name=vmap_axis_name,
       stats_positions=stats_positions, refresh_axis=refresh_axis,
       output_factor=output_factor)]

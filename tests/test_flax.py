@@ -587,31 +587,6 @@ def test_slopes_weigh_the_rows_of_the_linear_and_nystrom_blocks():
   np.testing.assert_allclose(stats["diagonal"], np.diag(expected), rtol=1e-12)
 
 
-def test_layers_stacked_for_a_scan_get_the_plain_gradient_and_a_warning():
-  class Block(nn.Module):
-    @nn.compact
-    def __call__(self, h, _):
-      return jnp.tanh(nn.Dense(4)(h)), None
-
-  class Deep(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      h = nn.Dense(4)(x)
-      h, _ = nn.scan(Block, variable_axes={"params": 0},
-                     split_rngs={"params": True}, length=3)()(h, None)
-      return nn.Dense(2)(h)
-
-  x = jnp.ones((5, 3))
-  params = Deep().init(jax.random.PRNGKey(0), x)["params"]
-  _, acts = sngd_jax.linen_capture(Deep(), {"params": params}, x)
-  tx = sngd_jax.scale_by_sngd()
-  with pytest.warns(UserWarning, match="ScanBlock_0/Dense_0/kernel"):
-    updates, _ = tx.update(params, tx.init(params), params, activations=acts)
-  np.testing.assert_array_equal(updates["ScanBlock_0"]["Dense_0"]["kernel"],
-                                params["ScanBlock_0"]["Dense_0"]["kernel"])
-  assert not np.allclose(updates["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
-
-
 class Recurrent(nnx.Module):
   """An NNX LSTM over time (``nnx.RNN``, a scan) and a linear head."""
 

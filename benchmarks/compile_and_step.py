@@ -1,0 +1,168 @@
+"""Compile time, program size and step time: SNGD against AdamW and Muon.
+
+NNX GPTs (d_model 256, 4 heads, ``nnx.MultiHeadAttention``, tied embeddings)
+of several depths, written both ways a Flax user writes them: a Python loop
+over an ``nnx.List`` of blocks (unrolled) and blocks made by ``nnx.vmap``
+and run by ``nnx.scan`` (scanned). For each optimizer, in one process:
+
+- ``update``: seconds to compile ``tx.update`` alone (jitted, on the
+  gradients' and activations' shapes), and its optimized HLO's lines;
+- ``step``: seconds to compile the whole training step (forward, capture,
+  backward, update);
+- ``ms``: the steady step (median of ``--steps`` calls after two warm-ups,
+  statistics and refreshes at their default intervals).
+
+    python benchmarks/compile_and_step.py --blocks 2 6 12 --forms unrolled scanned
+
+Compile times are wall-clock on this machine (XLA:CPU compiles on one
+thread); ratios against AdamW are what carry to other machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import sngd_jax
+
+VOCAB, CONTEXT, BATCH = 256, 64, 8
+
+
+class Block(nnx.Module):
+
+  def __init__(self, dim, heads, rngs):
+    self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
+    self.attention = nnx.MultiHeadAttention(heads, dim, decode=False,
+                                            rngs=rngs)
+    self.up = nnx.Linear(dim, 4 * dim, rngs=rngs)
+    self.down = nnx.Linear(4 * dim, dim, rngs=rngs)
+
+  def __call__(self, x, mask):
+    x = x + self.attention(self.norm1(x), mask=mask)
+    return x + self.down(nnx.gelu(self.up(self.norm2(x))))
+
+
+class GPT(nnx.Module):
+  """A decoder; ``scanned``: its blocks one stack run by ``nnx.scan``."""
+
+  def __init__(self, blocks, scanned, dim=256, heads=4, rngs=None):
+    rngs = rngs or nnx.Rngs(0)
+    self.scanned = scanned
+    self.embed = nnx.Embed(VOCAB, dim, rngs=rngs)
+    self.position = nnx.Embed(CONTEXT, dim, rngs=rngs)
+    if scanned:
+      @nnx.split_rngs(splits=blocks)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def stack(rngs):
+        return Block(dim, heads, rngs)
+
+      self.blocks = stack(rngs)
+    else:
+      self.blocks = nnx.List([Block(dim, heads, rngs) for _ in range(blocks)])
+    self.norm = nnx.LayerNorm(dim, rngs=rngs)
+
+  def __call__(self, tokens):
+    x = self.embed(tokens) + self.position(jnp.arange(tokens.shape[1]))
+    mask = nnx.make_causal_mask(tokens)
+    if self.scanned:
+      @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
+      def through(x, block, mask):
+        return block(x, mask)
+
+      x = through(x, self.blocks, mask)
+    else:
+      for block in self.blocks:
+        x = block(x, mask)
+    return self.embed.attend(self.norm(x))
+
+
+OPTIMIZERS = {
+    "sngd": lambda: sngd_jax.sngd(1.0, momentum=0.9),
+    "adamw": lambda: optax.adamw(3e-3),
+    "muon": lambda: optax.contrib.muon(3e-3),
+}
+
+
+def measure(blocks, scanned, name, steps):
+  """``{update_s, update_hlo, step_s, step_ms}`` of one optimizer on one GPT."""
+  model = GPT(blocks, scanned)
+  tx = OPTIMIZERS[name]()
+  needs = name == "sngd"
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (BATCH, CONTEXT + 1), 0,
+                              VOCAB)
+
+  def loss_fn(model):
+    logits, acts = sngd_jax.nnx_capture(model, tokens[:, :-1])
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits, tokens[:, 1:]).mean()
+    return loss, acts
+
+  # tx.update alone, on the shapes it sees in the step.
+  params = nnx.state(model, nnx.Param)
+  (_, acts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  state = tx.init(params)
+  extra = {"activations": acts} if needs else {}
+  start = time.perf_counter()
+  compiled = jax.jit(lambda g, s, p, e: tx.update(g, s, p, **e)).lower(
+      grads, state, params, extra).compile()
+  update_s = time.perf_counter() - start
+  update_hlo = compiled.as_text().count("\n")
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    (loss, acts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads, **({"activations": acts} if needs else {}))
+    return loss
+
+  start = time.perf_counter()
+  jax.block_until_ready(train_step(model, optimizer))
+  step_s = time.perf_counter() - start
+  jax.block_until_ready(train_step(model, optimizer))
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(train_step(model, optimizer))
+    times.append(time.perf_counter() - start)
+  return dict(update_s=update_s, update_hlo=update_hlo, step_s=step_s,
+              step_ms=1e3 * float(np.median(times)))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--blocks", type=int, nargs="+", default=[2, 6, 12])
+  parser.add_argument("--forms", nargs="+", default=["unrolled", "scanned"],
+                      choices=["unrolled", "scanned"])
+  parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS),
+                      choices=list(OPTIMIZERS))
+  parser.add_argument("--steps", type=int, default=20)
+  args = parser.parse_args()
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; "
+        f"batch {BATCH} x {CONTEXT} tokens")
+  print("| GPT | optimizer | update compile (s) | update HLO lines | "
+        "step compile (s) | step (ms) | vs AdamW: update compile, HLO, "
+        "step compile, step |")
+  print("|---|---|---|---|---|---|---|")
+  for form in args.forms:
+    for blocks in args.blocks:
+      rows = {name: measure(blocks, form == "scanned", name, args.steps)
+              for name in args.optimizers}
+      base = rows.get("adamw")
+      for name, row in rows.items():
+        ratios = "" if base is None else ", ".join(
+            f"{row[key] / base[key]:.1f}x" for key in
+            ("update_s", "update_hlo", "step_s", "step_ms"))
+        print(f"| {blocks} blocks, {form} | {name} | {row['update_s']:.2f} | "
+              f"{row['update_hlo']} | {row['step_s']:.2f} | "
+              f"{row['step_ms']:.1f} | {ratios} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()

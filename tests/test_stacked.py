@@ -1,0 +1,212 @@
+"""Models that scan over stacked layers: each layer of a stack gets its own
+block, and the stacked model trains exactly as the same model unrolled."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import sngd_jax
+from tests.helpers import cross_entropy
+
+D, LAYERS, STEPS = 8, 3, 4
+# Statistics and refreshes at every step, and every position (sampled
+# positions are drawn per layer), so each step exercises every stage.
+OPTIONS = dict(momentum=0.9, stats_every=1, inverse_every=2,
+               stats_positions=None)
+
+
+def tokens(step):
+  key = jax.random.fold_in(jax.random.PRNGKey(7), step)
+  x = jax.random.normal(key, (4, 5, D), jnp.float64)
+  labels = jnp.argmax(jnp.sum(x, axis=1)[:, :3], axis=-1)
+  return x, labels
+
+
+class Block(nnx.Module):
+  """A transformer block: norm, attention (biased q/k/v/out), biased and
+  bias-free dense layers."""
+
+  def __init__(self, rngs, bias=True):
+    f64 = dict(param_dtype=jnp.float64, dtype=jnp.float64, rngs=rngs)
+    self.norm = nnx.LayerNorm(D, use_bias=bias, **f64)
+    self.attn = nnx.MultiHeadAttention(2, D, decode=False, use_bias=bias,
+                                       **f64)
+    self.up = nnx.Linear(D, 12, use_bias=bias, **f64)
+    self.down = nnx.Linear(12, D, use_bias=False, **f64)
+
+  def __call__(self, x):
+    x = x + self.attn(self.norm(x))
+    return x + self.down(jnp.tanh(self.up(x)))
+
+
+class Scanned(nnx.Module):
+
+  def __init__(self, rngs, bias=True):
+    @nnx.split_rngs(splits=LAYERS)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def blocks(rngs):
+      return Block(rngs, bias)
+
+    self.blocks = blocks(rngs)
+    self.head = nnx.Linear(D, 3, param_dtype=jnp.float64, rngs=rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def through(x, block):
+      return block(x)
+
+    return self.head(jnp.mean(through(x, self.blocks), axis=1))
+
+
+class Unrolled(nnx.Module):
+
+  def __init__(self, scanned: Scanned):
+    stacked = nnx.state(scanned.blocks)
+    self.blocks = nnx.List([Block(nnx.Rngs(0)) for _ in range(LAYERS)])
+    for i, block in enumerate(self.blocks):
+      nnx.update(block, jax.tree.map(lambda a, i=i: a[i], stacked))
+    self.head = nnx.clone(scanned.head)
+
+  def __call__(self, x):
+    for block in self.blocks:
+      x = block(x)
+    return self.head(jnp.mean(x, axis=1))
+
+
+def nnx_trained(model, steps=STEPS, **options):
+  """The model after ``steps`` jitted SNGD steps, and the optimizer."""
+  optimizer = nnx.Optimizer(model, sngd_jax.sngd(0.3, **OPTIONS, **options),
+                            wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, x, labels):
+    def loss_fn(model):
+      logits, acts = sngd_jax.nnx_capture(model, x)
+      return cross_entropy(logits, labels), acts
+
+    (_, acts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads, activations=acts)
+
+  for i in range(steps):
+    step(model, optimizer, *tokens(i))
+  return model, optimizer
+
+
+def test_nnx_scanned_blocks_train_as_the_unrolled_model():
+  scanned = Scanned(nnx.Rngs(0))
+  unrolled = Unrolled(scanned)
+  before = nnx.state(scanned, nnx.Param)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no layer gets the plain gradient
+    scanned, optimizer = nnx_trained(scanned)
+  unrolled, unrolled_optimizer = nnx_trained(unrolled)
+
+  stacked = nnx.state(scanned.blocks, nnx.Param)
+  for i, block in enumerate(unrolled.blocks):
+    jax.tree.map(lambda s, u, i=i: np.testing.assert_allclose(
+        s[i], u, rtol=1e-9, atol=1e-12), stacked, nnx.state(block, nnx.Param))
+  np.testing.assert_allclose(scanned.head.kernel[...],
+                             unrolled.head.kernel[...], rtol=1e-9)
+  # Each layer of the stack has its own block, equal to the unrolled layer's.
+  state = optimizer.opt_state[0]
+  unrolled_state = unrolled_optimizer.opt_state[0]
+  for name in ("attn/query", "up", "down", "norm"):
+    stats = state.stats[f"blocks/{name}"][...]
+    assert stats.shape[0] == LAYERS
+    for i in range(LAYERS):
+      np.testing.assert_allclose(
+          stats[i], unrolled_state.stats[f"blocks/{i}/{name}"][...],
+          rtol=1e-9, atol=1e-12)
+    assert not np.allclose(stats[0], stats[1])  # not one block shared
+  # Preconditioned: the step is not the plain gradient's.
+  assert state.clipped[...] >= 0 and int(state.inverse_faults[...]) == 0
+  moved = jax.tree.map(lambda a, b: a - b, nnx.state(scanned, nnx.Param), before)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(moved))
+
+
+def test_stacked_preconditioner_is_not_the_identity():
+  scanned, optimizer = nnx_trained(Scanned(nnx.Rngs(1)), steps=1)
+  precond = optimizer.opt_state[0].preconditioners["blocks/up"][...]
+  assert precond.shape == (LAYERS, D + 1, D + 1)
+  for i in range(LAYERS):
+    assert not np.allclose(precond[i], np.eye(D + 1), atol=1e-3)
+
+
+def test_a_bias_free_stack_needs_naming_and_then_trains():
+  with pytest.raises(ValueError, match=r"params of 'blocks/.*stacked=\{'blocks/"):
+    nnx_trained(Scanned(nnx.Rngs(0), bias=False), steps=1)
+  model, optimizer = nnx_trained(Scanned(nnx.Rngs(0), bias=False), steps=2,
+                                 stacked={"blocks/*": True},
+                                 output_axes={"*/query": 2, "*/key": 2,
+                                              "*/value": 2})
+  assert optimizer.opt_state[0].stats["blocks/attn/key"][...].shape == (
+      LAYERS, D, D)
+  assert optimizer.opt_state[0].stats["blocks/norm"][...].shape == (
+      LAYERS, D, 1, 1)
+
+
+class LinenBlock(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, _):
+    f64 = dict(param_dtype=jnp.float64, dtype=jnp.float64)
+    h = nn.Dense(12, **f64)(nn.LayerNorm(**f64)(x))
+    return x + nn.Dense(D, use_bias=False, **f64)(jnp.tanh(h)), None
+
+
+class LinenModel(nn.Module):
+  scan: bool
+
+  @nn.compact
+  def __call__(self, x):
+    if self.scan:
+      x, _ = nn.scan(LinenBlock, variable_axes={"params": 0},
+                     split_rngs={"params": True}, length=LAYERS)()(x, None)
+    else:
+      for i in range(LAYERS):
+        x, _ = LinenBlock(name=f"block{i}")(x, None)
+    return nn.Dense(3, param_dtype=jnp.float64)(jnp.mean(x, axis=1))
+
+
+def linen_trained(scan, params):
+  model = LinenModel(scan)
+  tx = sngd_jax.sngd(0.3, **OPTIONS)
+
+  @jax.jit
+  def step(params, state, x, labels):
+    def loss_fn(params):
+      logits, acts = sngd_jax.linen_capture(model, {"params": params}, x)
+      return cross_entropy(logits, labels), acts
+
+    (_, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for i in range(STEPS):
+    params, state = step(params, state, *tokens(i))
+  return params, state
+
+
+def test_linen_scan_over_layers_trains_as_the_unrolled_model():
+  x, _ = tokens(0)
+  params = LinenModel(True).init(jax.random.PRNGKey(0), x)["params"]
+  stack = params["ScanLinenBlock_0"]
+  unrolled = {"Dense_0": params["Dense_0"], **{
+      f"block{i}": jax.tree.map(lambda a, i=i: a[i], stack)
+      for i in range(LAYERS)}}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    scanned, state = linen_trained(True, params)
+  unrolled, _ = linen_trained(False, unrolled)
+  for i in range(LAYERS):
+    jax.tree.map(lambda s, u, i=i: np.testing.assert_allclose(
+        s[i], u, rtol=1e-9, atol=1e-12),
+                 scanned["ScanLinenBlock_0"], unrolled[f"block{i}"])
+  assert state[0].stats["ScanLinenBlock_0/Dense_0"].shape == (LAYERS, 9, 9)
