@@ -143,20 +143,26 @@ def _unit_shift(stats, damping):
       jax.vmap(linalg.largest_eigenvalue)(stats)))
 
 
-# jaxlib 0.10.2 on CPU splits a batched factorization above ~2e5 FLOPs over
-# the intra-op threads that also run the program; two at once (two layers'
-# conds) can leave no thread to work, and the step hangs. Per-unit blocks are
-# factored in batches below that, and under an outer vmap (models, seeds)
-# one model at a time, since vmap would multiply each batch by the models.
-_SPLIT_FLOPS = 2e5
+# jaxlib 0.10.2 on CPU splits a batched factorization above ~1e5-2e5 FLOPs
+# over the intra-op threads that also run the program; two at once (two
+# layers' conds) can leave no thread to work, and the step hangs (a stack of
+# two 65-row blocks, 1.8e5 FLOPs, hung a transformer's momentum remeasure).
+# On CPU, per-unit blocks and the layers of a stack are factored in batches
+# below that, and under an outer vmap (models, seeds) one model at a time,
+# since vmap would multiply each batch by the models. Other backends factor
+# them all in one batch.
+_SPLIT_FLOPS = 1e5
 
 
-def _per_unit(function, blocks, *shared):
-  """``jax.vmap(function)(*blocks, *shared)`` over the units (the leading
-  axis of each of ``blocks``; ``shared`` go whole to every unit), in batches
-  whose Cholesky stays under the split (``n^3 / 3`` FLOPs a block)."""
-  n = blocks[0].shape[-1]
-  batch = max(1, int(3 * _SPLIT_FLOPS // n ** 3))
+def batched(function, blocks, *shared):
+  """``jax.vmap(function)(*blocks, *shared)`` over the leading axis of each
+  of ``blocks`` (units, a stack's layers; pytrees; ``shared`` go whole to
+  every one), in batches whose Cholesky stays under the split (``n^3 / 3``
+  FLOPs a block, ``n`` the last axis of the first leaf)."""
+  first = jax.tree.leaves(blocks)[0]
+  batch = first.shape[0]
+  if jax.default_backend() == "cpu":
+    batch = max(1, min(batch, int(3 * _SPLIT_FLOPS // first.shape[-1] ** 3)))
 
   @jax.custom_batching.custom_vmap
   def in_batches(blocks, shared):
@@ -165,10 +171,10 @@ def _per_unit(function, blocks, *shared):
 
   @in_batches.def_vmap
   def one_model_at_a_time(axis_size, in_batched, blocks, shared):
-    def batched(x, is_batched):
+    def broadcast(x, is_batched):
       return x if is_batched else jnp.broadcast_to(x, (axis_size, *x.shape))
 
-    args = jax.tree.map(batched, (blocks, shared), tuple(in_batched))
+    args = jax.tree.map(broadcast, (blocks, shared), tuple(in_batched))
     out = jax.lax.map(lambda model: in_batches(*model), args)
     return out, jax.tree.map(lambda _: True, out)
 
@@ -177,7 +183,7 @@ def _per_unit(function, blocks, *shared):
 
 def _unit_inverses(stats, shift, solver):
   """Inverts per-unit blocks ``(units, n, n)``, each shifted, in batches."""
-  return _per_unit(lambda g, shift: linalg.inverse(
+  return batched(lambda g, shift: linalg.inverse(
       g + shift * jnp.eye(g.shape[-1], dtype=g.dtype), solver), (stats,), shift)
 
 
@@ -458,7 +464,7 @@ class NystromLinear(_Block):
 
 @dataclasses.dataclass(frozen=True)
 class _UnitBlocks(_Block):
-  """A ``(n, n)`` block per output unit, inverted in batches (``_per_unit``)."""
+  """A ``(n, n)`` block per output unit, inverted in batches (``batched``)."""
 
   n: int
   d_out: int
@@ -483,7 +489,7 @@ class _UnitBlocks(_Block):
     return jnp.einsum("jik,kj->ij", precond, g)
 
   def metric_matrix(self, precond, m):
-    return jnp.sum(_per_unit(lambda p, column: jnp.vdot(
+    return jnp.sum(batched(lambda p, column: jnp.vdot(
         column, linalg.cholesky_inverse(p, column[:, None])), (precond, m.T)))
 
 

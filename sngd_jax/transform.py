@@ -131,10 +131,19 @@ class Layer:
     """The leading shape of the layer's arrays: ``(stack,)`` or ``()``."""
     return (self.stack,) if self.stack else ()
 
-  def each(self, function):
-    """``function`` applied to each layer of a stack (``jax.vmap`` over every
-    argument's leading axis); a single layer's unchanged."""
-    return jax.vmap(function) if self.stack else function
+  def each(self, function, factors: bool = False):
+    """``function`` applied to each layer of a stack (mapped over every
+    argument's leading axis); a single layer's unchanged.
+
+    One batched program (``jax.vmap``); where ``function`` factors a matrix
+    (a refresh, a root, a metric), in batches small enough for XLA:CPU
+    (``fisher.batched``: larger batched factorizations hung the step).
+    """
+    if not self.stack:
+      return function
+    if factors:
+      return lambda *args: fisher.batched(function, args)
+    return jax.vmap(function)
 
 
 def _resolve(option, path: str, default):
@@ -1009,7 +1018,7 @@ def scale_by_sngd(
           mean = output_stats[path] / weight.astype(old[0].dtype)
           fresh = active[path].each(lambda mean: linalg.output_roots(
               (mean + mean.T) / 2, weight.astype(old[0].dtype), OUTPUT_POWER,
-              OUTPUT_RANGE))(mean)
+              OUTPUT_RANGE), factors=True)(mean)
           ok = _finite_blocks(fresh) if active[path].stack else _all_finite(
               fresh)
           return _where_blocks(ok, fresh, old), jnp.sum(~ok).astype(jnp.int32)
@@ -1033,7 +1042,7 @@ def scale_by_sngd(
           m = _gradient_matrix(layer, preconditioners[path], momentum_leaves)
           if path in output_factors:  # |m|^2 in A (x) R^p: |m R^{p/2}|^2 in A
             m = m @ output_factors[path][1]
-          return jnp.sum(layer.each(layer.block.metric)(
+          return jnp.sum(layer.each(layer.block.metric, factors=True)(
               preconditioners[path], m, entries[path]))
 
         norm = sum((weights[path] * layer_metric(path, layer).astype(
@@ -1144,7 +1153,8 @@ def refresh_group(block, stacked, damping: linalg.Damping, solver,
   attempt: no retry); with ``refresh_axis`` its devices divide the work."""
   if refresh_axis is None:  # each block on every device
     if jax.tree.leaves(stacked)[0].shape[0] > 1:  # the layers of a stack
-      return jax.vmap(lambda s: block.refresh(s, damping, solver))(stacked)
+      return fisher.batched(lambda s: block.refresh(s, damping, solver),
+                            (stacked,))
     unstacked = jax.tree.map(lambda x: x[0], stacked)
     return jax.tree.map(lambda x: x[None], block.refresh(
         unstacked, damping, solver))

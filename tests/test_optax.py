@@ -164,7 +164,7 @@ def _conds(jaxpr) -> int:
 
 
 # relu: per-unit blocks, factored one model at a time under the vmap
-# (fisher._per_unit's batching rule).
+# (fisher.batched's batching rule).
 @pytest.mark.parametrize("layer_fisher", ["linear", "relu"])
 def test_vmap_over_models_equals_the_loop_and_keeps_its_conditionals(layer_fisher):
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
