@@ -52,7 +52,7 @@ def measure(devices: int) -> list[dict]:
     xs = jax.random.uniform(jax.random.PRNGKey(0), (STEPS, batch, 28, 28))
     ys = jax.random.randint(jax.random.PRNGKey(1), (STEPS, batch), 0, 10)
     params = model.init(jax.random.PRNGKey(0), xs[0])["params"]
-    layers, _, _ = transform.plan_layers(params, "linear", sngd_jax.Nystrom())
+    layers, _ = transform.plan_layers(params, "linear", sngd_jax.Nystrom())
     stats = {layer.path: layer.block.init(jnp.float32) for layer in layers}
 
     def timed(fn, *args, repeats=3):

@@ -3,7 +3,13 @@
 from sngd_jax.capture import conv_patches, dense, linen_capture, nnx_capture
 from sngd_jax.fisher import KINDS
 from sngd_jax.linalg import denman_beavers
-from sngd_jax.transform import Nystrom, ScaleBySNGDState, scale_by_sngd, sngd
+from sngd_jax.transform import (
+    Nystrom,
+    ScaleBySNGDState,
+    layer_slice,
+    scale_by_sngd,
+    sngd,
+)
 
 __version__ = "0.1.0"
 
@@ -14,6 +20,7 @@ __all__ = [
     "conv_patches",
     "dense",
     "denman_beavers",
+    "layer_slice",
     "linen_capture",
     "nnx_capture",
     "scale_by_sngd",

@@ -172,7 +172,7 @@ def batched(function, blocks, *shared):
   @in_batches.def_vmap
   def one_model_at_a_time(axis_size, in_batched, blocks, shared):
     def broadcast(x, is_batched):
-      return x if is_batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+      return x if is_batched else jnp.broadcast_to(x, (axis_size, *jnp.shape(x)))
 
     args = jax.tree.map(broadcast, (blocks, shared), tuple(in_batched))
     out = jax.lax.map(lambda model: in_batches(*model), args)
@@ -402,8 +402,9 @@ class NystromLinear(_Block):
   """The ``linear`` block approximated from ``m`` fixed sampled columns.
 
   The columns are a uniformly random subset of the input features, drawn once
-  from the layer's path (so every run and every host draws the same ones); the
-  bias column is always among them. What the columns miss is damped by its
+  from the block's size (so every run, every host and every layer of that
+  width draws the same ones, and alike layers stack); the bias column is
+  always among them. What the columns miss is damped by its
   mean eigenvalue (``linalg.nystrom_factors``' spectral shift). Memory and
   statistics cost O(N n m).
   """
@@ -412,8 +413,8 @@ class NystromLinear(_Block):
   columns: tuple[int, ...]
 
   @classmethod
-  def for_layer(cls, path: str, n: int, rank: int, bias: bool):
-    rng = np.random.default_rng(zlib.crc32(path.encode()))
+  def for_width(cls, n: int, rank: int, bias: bool):
+    rng = np.random.default_rng(zlib.crc32(f"{n}/{rank}/{bias}".encode()))
     if bias:
       picked = rng.choice(n - 1, size=rank - 1, replace=False).tolist() + [n - 1]
     else:

@@ -60,19 +60,24 @@ class Nystrom:
 
 
 class ScaleBySNGDState(NamedTuple):
-  """State of :func:`scale_by_sngd`. Dicts are keyed by the layer's path ``"a/b/0"``."""
+  """State of :func:`scale_by_sngd`.
+
+  The per-layer dicts are keyed by stack (``Stack.key``: a layer's path
+  ``"a/b/0"``, or the paths of alike layers kept as one array, ``"a, b"``);
+  :func:`layer_slice` reads one layer's part.
+  """
 
   count: jax.Array  # type: ignore[assignment]  # int32 (): steps taken.
   stats_weight: jax.Array  # float (): 1 - ema_decay^k after k statistics updates.
-  stats: dict[str, Any]  # Zero-started EMA local Fisher per layer; shapes in ``sngd_jax.fisher``.
-  preconditioners: dict[str, Any]  # Damped inverse per layer, refreshed every ``inverse_every``.
+  stats: dict[str, Any]  # Zero-started EMA local Fisher per stack: (rows, ...) or one layer's shapes in ``sngd_jax.fisher``.
+  preconditioners: dict[str, Any]  # Damped inverses per stack, refreshed every ``inverse_every``.
   stats_faults: jax.Array  # int32 (): batches whose statistic was not finite (skipped).
   inverse_faults: jax.Array  # int32 (): refreshes that failed (retried, else last good kept).
   clipped: jax.Array  # int32 (): steps whose direction ``kl_clip`` shortened.
   momentum: Any  # params-shaped heavy-ball buffer ``m``; None without ``momentum``.
   momentum_norm: jax.Array  # float32 (): ``|m|_G^2``, the buffer's squared length in the blocks' metric.
-  output_stats: dict[str, Any]  # (d_out, d_out) zero-started EMA of v^T g (symmetrized when refreshed) per layer with an output factor.
-  # (R^-p, R^{p/2}), each (d_out, d_out), refreshed with the inverses. R^{p/2}
+  output_stats: dict[str, Any]  # ([rows,] d_out, d_out) zero-started EMA of v^T g (symmetrized when refreshed) per stack with an output factor.
+  # (R^-p, R^{p/2}), each ([rows,] d_out, d_out), refreshed with the inverses. R^{p/2}
   # is kept, not derived in the momentum remeasure: a factorization there
   # deadlocked jaxlib 0.10's threaded batched LAPACK on CPU under vmap.
   output_factors: dict[str, Any]
@@ -131,19 +136,160 @@ class Layer:
     """The leading shape of the layer's arrays: ``(stack,)`` or ``()``."""
     return (self.stack,) if self.stack else ()
 
-  def each(self, function, factors: bool = False):
-    """``function`` applied to each layer of a stack (mapped over every
-    argument's leading axis); a single layer's unchanged.
+  def each(self, function):
+    """``function`` applied to each layer of a stack; a single layer's unchanged."""
+    return _mapped(function, bool(self.stack))
 
-    One batched program (``jax.vmap``); where ``function`` factors a matrix
-    (a refresh, a root, a metric), in batches small enough for XLA:CPU
-    (``fisher.batched``: larger batched factorizations hung the step).
-    """
-    if not self.stack:
-      return function
-    if factors:
-      return lambda *args: fisher.batched(function, args)
-    return jax.vmap(function)
+
+def _mapped(function, over_rows: bool, factors: bool = False, shared=()):
+  """``function(*rows, *shared)`` mapped over the leading axis of each of the
+  arguments it is called with (the rows of a stack; ``shared`` go whole to
+  every row), or called once.
+
+  One batched program (``jax.vmap``); where ``function`` factors a matrix
+  (a refresh, a root, a metric), in batches small enough for XLA:CPU
+  (``fisher.batched``: larger batched factorizations hung the step). Traced
+  values ``function`` needs go in ``shared``, not in its closure (a batching
+  rule under an outer ``vmap`` sees only its arguments).
+  """
+  if not over_rows:
+    return lambda *rows: function(*rows, *shared)
+  if factors:
+    return lambda *rows: fisher.batched(function, rows, *shared)
+  return lambda *rows: jax.vmap(
+      function, in_axes=(0,) * len(rows) + (None,) * len(shared))(
+          *rows, *shared)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+  """Alike layers whose blocks are kept, refreshed and applied as one array.
+
+  Layers with the same block (kind and size), outputs and state dtype: a
+  transformer's q/k/v/out projections and MLP inputs of one width, the convs
+  of a ResNet stage, and the layers of a scanned stack. Every stage after the
+  statistics runs once per stack, batched over its rows (one per layer); each
+  layer takes its statistic from its own activations. The state's arrays of a
+  stack lead with its rows, except a single layer's (its own layout).
+  Embedding tables are never stacked (their step reads their activations).
+  """
+
+  layers: tuple[Layer, ...]
+
+  @property
+  def key(self) -> str:
+    """The state's key: the layers' paths (a scanned one's with its layers)."""
+    if len(self.layers) == 1:
+      return self.layers[0].path
+    return ", ".join(f"{layer.path}[{layer.stack}]" if layer.stack
+                     else layer.path for layer in self.layers)
+
+  @property
+  def name(self) -> str:
+    """A short name for ``jax.named_scope``."""
+    extra = len(self.layers) - 1
+    return self.layers[0].path + (f"+{extra}" if extra else "")
+
+  @property
+  def block(self):
+    return self.layers[0].block
+
+  @property
+  def lead(self) -> tuple[int, ...]:
+    """The leading shape of the stack's arrays: its rows, or ``()``."""
+    if len(self.layers) == 1:
+      return self.layers[0].lead
+    return (sum(max(layer.stack, 1) for layer in self.layers),)
+
+  def each(self, function, *shared, factors: bool = False):
+    """``function`` applied to each row (``_mapped``)."""
+    return _mapped(function, bool(self.lead), factors, shared)
+
+  def split(self, tree) -> list:
+    """Each layer's part of a stack's array, in the layer's own layout."""
+    if len(self.layers) == 1:
+      return [tree]
+    parts, offset = [], 0
+    for layer in self.layers:
+      rows = max(layer.stack, 1)
+      part = jax.tree.map(lambda x, o=offset, r=rows: x[o:o + r], tree)
+      parts.append(part if layer.stack else jax.tree.map(lambda x: x[0], part))
+      offset += rows
+    return parts
+
+  def join(self, parts: list):
+    """``split``'s inverse: the layers' parts on the stack's rows."""
+    if len(self.layers) == 1:
+      return parts[0]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *[
+        part if layer.stack else jax.tree.map(lambda x: x[None], part)
+        for layer, part in zip(self.layers, parts)])
+
+  def batch(self, tree):
+    """The stack's arrays with a leading rows axis (a single layer's: one)."""
+    return tree if self.lead else jax.tree.map(lambda x: x[None], tree)
+
+  def unbatch(self, tree):
+    """``batch``'s inverse."""
+    return tree if self.lead else jax.tree.map(lambda x: x[0], tree)
+
+  def entry(self, entries: Mapping) -> Mapping:
+    """What a block's step reads of the activations: a single layer's entry
+    (an embedding's lookups), none for several."""
+    return entries[self.layers[0].path] if len(self.layers) == 1 else {}
+
+  def rows_of(self, values: Mapping[str, Any]):
+    """One value per layer, laid out on the stack's rows (``()`` for a
+    single layer)."""
+    if not self.lead:
+      return jnp.asarray(values[self.layers[0].path], jnp.float32)
+    return jnp.concatenate([
+        jnp.full((max(layer.stack, 1),), values[layer.path], jnp.float32)
+        for layer in self.layers])
+
+
+def layer_slice(blocks: Mapping[str, Any], path: str):
+  """One layer's part of a per-stack dict of the state (``stats``,
+  ``preconditioners``, ``output_stats``, ``output_factors``), in the layer's
+  own layout (a scanned stack's leads with its layers).
+
+  Example:
+    >>> import jax.numpy as jnp, sngd_jax
+    >>> dense = lambda: {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}
+    >>> state = sngd_jax.scale_by_sngd().init({"a": dense(), "b": dense()})
+    >>> list(state.stats)
+    ['a, b']
+    >>> sngd_jax.layer_slice(state.stats, "b").shape
+    (4, 4)
+  """
+  for key, value in blocks.items():
+    if key == path:
+      return value
+    offset = 0
+    for member in key.split(", "):
+      name, _, rows = member.partition("[")
+      size = int(rows[:-1]) if rows else 1
+      if name == path:
+        part = jax.tree.map(
+            lambda x, o=offset, r=size: x[o:o + r], value)
+        return part if rows else jax.tree.map(lambda x: x[0], part)
+      offset += size
+  raise KeyError(f"no layer {path!r} in the state's blocks: {list(blocks)}")
+
+
+def plan_stacks(layers, dtype_of: Callable[[Layer], Any]) -> list[Stack]:
+  """The layers grouped into stacks, in the order they first appear.
+
+  Alike: the same block (kind and size: ``fisher``'s dataclasses compare by
+  value), outputs and state dtype (``dtype_of(layer)``).
+  """
+  groups: dict[tuple, list[Layer]] = {}
+  for layer in layers:
+    dtype = dtype_of(layer)
+    alike = ((layer.path,) if layer.kind == "embedding"
+             else (layer.block, layer.kind, layer.d_out, dtype))
+    groups.setdefault(alike, []).append(layer)
+  return [Stack(tuple(group)) for group in groups.values()]
 
 
 def _resolve(option, path: str, default):
@@ -203,7 +349,7 @@ def _kernel_output_axes(path, kernel_shape, bias_shape, output_axes):
 def _dense_block(kind, path, n, d_out, bias, nystrom):
   if kind == "linear":
     if nystrom is not None and n > nystrom.min_dim and nystrom.rank < n:
-      return fisher.NystromLinear.for_layer(path, n, nystrom.rank, bias)
+      return fisher.NystromLinear.for_width(n, nystrom.rank, bias)
     return fisher.Linear(n)
   if kind == "softmax":
     return fisher.Softmax(n, d_out)
@@ -561,6 +707,11 @@ def _state_dtype(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def _dtype_of(leaves: list) -> Callable[[Layer], Any]:
+  """A layer's state dtype, from its first parameter in ``leaves``."""
+  return lambda layer: _state_dtype(leaves[layer.leaves[0][0]].dtype)
+
+
 def scale_by_sngd(
     ema_decay: float = 0.95,
     damping: float = 1e-4,
@@ -821,19 +972,20 @@ def scale_by_sngd(
     layers, _ = plan(params)
     leaves = jax.tree.leaves(params)
     stats, preconditioners, output_stats, output_factors = {}, {}, {}, {}
-    for layer in layers:
+    for stack in plan_stacks(layers, _dtype_of(leaves)):
+      layer = stack.layers[0]
       dtype = _state_dtype(leaves[layer.leaves[0][0]].dtype)
-      identity = layer.block.init(dtype)
+      identity = stack.block.init(dtype)
       # The EMA starts at zero (stats_weight corrects its bias). Until a
       # first refresh succeeds, the preconditioner is the identity.
-      precond = layer.block.refresh(identity, linalg.Damping(0.0, 0.0), solver)
-      stats[layer.path] = _each_of(layer, jax.tree.map(jnp.zeros_like,
+      precond = stack.block.refresh(identity, linalg.Damping(0.0, 0.0), solver)
+      stats[stack.key] = _each_row(stack, jax.tree.map(jnp.zeros_like,
                                                        identity))
-      preconditioners[layer.path] = _each_of(layer, precond)
+      preconditioners[stack.key] = _each_row(stack, precond)
       if with_output_factor(layer):
-        eye = _each_of(layer, jnp.eye(layer.d_out, dtype=dtype))
-        output_stats[layer.path] = jnp.zeros_like(eye)
-        output_factors[layer.path] = (eye, jnp.copy(eye))
+        eye = _each_row(stack, jnp.eye(layer.d_out, dtype=dtype))
+        output_stats[stack.key] = jnp.zeros_like(eye)
+        output_factors[stack.key] = (eye, jnp.copy(eye))
     # Distinct arrays (not one shared zero) so that the state can be donated.
     zeros = [jnp.zeros([], jnp.int32) for _ in range(4)]
     return ScaleBySNGDState(zeros[0], jnp.zeros([]), stats,
@@ -889,7 +1041,8 @@ def scale_by_sngd(
                for path, entry in entries.items()}
 
     leaves, treedef = jax.tree.flatten(updates)
-    active = {path: by_path[path] for path in entries}
+    stacks = [stack for stack in plan_stacks(layers, _dtype_of(leaves))
+              if any(layer.path in entries for layer in stack.layers)]
 
     count = state.count
 
@@ -901,29 +1054,35 @@ def scale_by_sngd(
       return jax.lax.pmax(decision.astype(jnp.int32), vmap_axis_name) > 0
 
     # One cond for every layer's statistics: on the steps in between, the
-    # program skips them all at once.
+    # program skips them all at once. Each layer takes its own (a stack's
+    # layers share a program), joined into its stack's rows.
     def all_statistics():
       out, faults = {}, jnp.zeros([], jnp.int32)
       # The positions drawn depend on the step and the layer only: every
       # device and every model draws the same ones.
       step_key = jax.random.fold_in(jax.random.key(0), count)
-      for index, (path, layer) in enumerate(active.items()):
-        def statistic(entry, old, path=path, layer=layer, index=index):
-          mode = sharing(path, entry)
-          limit = (AUTO_STATS_POSITIONS[mode] if auto_positions
-                   else stats_positions)
-          if limit is not None:
-            sampled = fisher.sampled_positions(
-                entry, limit, jax.random.fold_in(step_key, index))
-          else:
-            sampled = entry
-          return _statistic_ema(layer, sampled, entry, old, ema_decay,
-                                mode == "reduce", axis_name)
+      number = 0
+      for stack in stacks:
+        parts = stack.split(state.stats[stack.key])
+        for i, layer in enumerate(stack.layers):
+          if layer.path not in entries:
+            continue
+          key, number = jax.random.fold_in(step_key, number), number + 1
 
-        with jax.named_scope(f"sngd/{path}"):
-          out[path], fault = layer.each(statistic)(entries[path],
-                                                   state.stats[path])
-        faults += jnp.sum(fault).astype(jnp.int32)
+          def statistic(entry, old, layer=layer, key=key):
+            mode = sharing(layer.path, entry)
+            limit = (AUTO_STATS_POSITIONS[mode] if auto_positions
+                     else stats_positions)
+            sampled = entry if limit is None else fisher.sampled_positions(
+                entry, limit, key)
+            return _statistic_ema(layer, sampled, entry, old, ema_decay,
+                                  mode == "reduce", axis_name)
+
+          with jax.named_scope(f"sngd/{layer.path}"):
+            parts[i], fault = layer.each(statistic)(entries[layer.path],
+                                                    parts[i])
+          faults += jnp.sum(fault).astype(jnp.int32)
+        out[stack.key] = stack.join(parts)
       return out, faults
 
     # A young EMA (weight below 0.9, its first ~2/(1 - ema_decay) updates)
@@ -933,7 +1092,7 @@ def scale_by_sngd(
     take_stats = for_every_model((count % stats_every == 0) | young)
     fresh_stats, stat_faults = jax.lax.cond(
         take_stats, all_statistics,
-        lambda: ({path: state.stats[path] for path in active},
+        lambda: ({stack.key: state.stats[stack.key] for stack in stacks},
                  jnp.zeros([], jnp.int32)))
     stats = {**state.stats, **fresh_stats}
     # The EMA's weight 1 - ema_decay^k. Until it nears 1 the Fisher is shrunk
@@ -947,39 +1106,49 @@ def scale_by_sngd(
     refresh = for_every_model(((count % inverse_every == 0)
                                | (young & (count % stats_every == 0)))
                               & (weight > 0))
-    # Refreshes keep a cond per layer (one cond around all of them, each with
+    # A cond per block kind and size (one cond around all of them, each with
     # its retry cond inside, deadlocks XLA:CPU's concurrent scheduler in jax
-    # 0.10.2). Where refresh_axis divides the work, layers with the same
-    # block (kind and size) share a cond: their devices divide the group.
-    fresh_preconditioners, inverse_faults = {}, jnp.zeros([], jnp.int32)
-    for paths in _refresh_groups(active, stats, refresh_axis):
-      group = [active[p] for p in paths]
+    # 0.10.2): the alike blocks of all its stacks (a transformer's q/k/v/out
+    # and MLP inputs of one width) are refreshed as one batch, which
+    # refresh_axis divides among its devices.
+    preconditioners, inverse_faults = dict(state.preconditioners), jnp.zeros(
+        [], jnp.int32)
+    for group in _refresh_groups(stacks, stats):
+      def refreshed(group=group):
+        def batch(blocks):
+          return jax.tree.map(lambda *xs: jnp.concatenate(xs), *[
+              stack.batch(blocks[stack.key]) for stack in group])
 
-      def refreshed_group(paths=paths, group=group):
+        old = batch(state.preconditioners)
         fresh, faults = _refreshed(
-            group[0].block, _stacked(group, [stats[p] for p in paths]),
-            _stacked(group, [state.preconditioners[p] for p in paths]),
+            group[0].block, batch(stats), old,
             linalg.Damping(damping, warm_damping.astype(
-                jax.tree.leaves(stats[paths[0]])[0].dtype), max_condition),
+                jax.tree.leaves(old)[0].dtype), max_condition),
             solver, weight > 0, for_every_model, refresh_axis)
-        return _unstacked(group, fresh), faults
+        parts, offset = [], 0
+        for stack in group:
+          rows = max(stack.lead, default=1)
+          parts.append(stack.unbatch(jax.tree.map(
+              lambda x, o=offset, r=rows: x[o:o + r], fresh)))
+          offset += rows
+        return parts, faults
 
-      with jax.named_scope(f"sngd/{paths[0]}"):
-        fresh, faults = jax.lax.cond(
-            refresh, refreshed_group,
-            lambda paths=paths: ([state.preconditioners[p] for p in paths],
-                                 jnp.zeros([], jnp.int32)))
-      fresh_preconditioners.update(zip(paths, fresh))
+      with jax.named_scope(f"sngd/{group[0].name}/refresh"):
+        fresh, faults = jax.lax.cond(refresh, refreshed, lambda group=group: (
+            [state.preconditioners[stack.key] for stack in group],
+            jnp.zeros([], jnp.int32)))
+      preconditioners.update(
+          (stack.key, part) for stack, part in zip(group, fresh))
       inverse_faults += faults
-    preconditioners = {**state.preconditioners, **fresh_preconditioners}
     gradients, directions = {}, {}
-    for path, layer in active.items():
-      with jax.named_scope(f"sngd/{path}/apply"):
-        gradients[path] = _gradient_matrix(layer, preconditioners[path], leaves)
-        directions[path] = layer.each(layer.block.apply)(
-            preconditioners[path], gradients[path], entries[path])
-    factored = [path for path, layer in active.items()
-                if with_output_factor(layer)]
+    for stack in stacks:
+      with jax.named_scope(f"sngd/{stack.name}/apply"):
+        precond = preconditioners[stack.key]
+        gradients[stack.key] = stack.join([
+            _gradient_matrix(layer, precond, leaves) for layer in stack.layers])
+        directions[stack.key] = stack.each(stack.block.apply)(
+            precond, gradients[stack.key], stack.entry(entries))
+    factored = [stack for stack in stacks if with_output_factor(stack.layers[0])]
     output_stats, output_factors = dict(state.output_stats), dict(
         state.output_factors)
     if factored:
@@ -990,63 +1159,74 @@ def scale_by_sngd(
       # Output factor).
       def output_statistics():
         out, faults = {}, jnp.zeros([], jnp.int32)
-        for path in factored:
-          old = state.output_stats[path]
+        for stack in factored:
+          old = state.output_stats[stack.key]
           # Symmetrized at the refresh: here a transpose of a 512-output
           # layer's product cost more than the product.
-          product = (jnp.matrix_transpose(directions[path])
-                     @ gradients[path]).astype(old.dtype)
+          product = (jnp.matrix_transpose(directions[stack.key])
+                     @ gradients[stack.key]).astype(old.dtype)
           if axis_name is not None:
             product = jax.lax.pmean(product, axis_name)
           ok = _all_finite(product)
           # Taken where the input statistics were (the EMA weight counts both).
-          out[path] = jnp.where(ok & (stat_faults == 0),
-                                ema_decay * old + (1 - ema_decay) * product, old)
+          out[stack.key] = jnp.where(
+              ok & (stat_faults == 0),
+              ema_decay * old + (1 - ema_decay) * product, old)
           faults += (~ok).astype(jnp.int32)
         return out, faults
 
       with jax.named_scope("sngd/output_statistics"):
         fresh_output, output_faults = jax.lax.cond(
-            take_stats, output_statistics,
-            lambda: ({path: state.output_stats[path] for path in factored},
-                     jnp.zeros([], jnp.int32)))
+            take_stats, output_statistics, lambda: (
+                {stack.key: state.output_stats[stack.key]
+                 for stack in factored}, jnp.zeros([], jnp.int32)))
       output_stats.update(fresh_output)
       stat_faults += output_faults
-      for path in factored:
-        def refreshed_output(path=path):
-          old = state.output_factors[path]
-          mean = output_stats[path] / weight.astype(old[0].dtype)
-          fresh = active[path].each(lambda mean: linalg.output_roots(
-              (mean + mean.T) / 2, weight.astype(old[0].dtype), OUTPUT_POWER,
-              OUTPUT_RANGE), factors=True)(mean)
-          ok = _finite_blocks(fresh) if active[path].stack else _all_finite(
-              fresh)
-          return _where_blocks(ok, fresh, old), jnp.sum(~ok).astype(jnp.int32)
+      for stack in factored:
+        def refreshed_output(stack=stack):
+          old = state.output_factors[stack.key]
+          rate = weight.astype(old[0].dtype)
+          fresh = stack.batch(stack.each(
+              lambda mean, rate: linalg.output_roots(
+                  (mean + mean.T) / 2, rate, OUTPUT_POWER, OUTPUT_RANGE),
+              rate, factors=True)(output_stats[stack.key] / rate))
+          ok = _finite_blocks(fresh)
+          return (stack.unbatch(_where_blocks(ok, fresh, stack.batch(old))),
+                  jnp.sum(~ok).astype(jnp.int32))
 
-        with jax.named_scope(f"sngd/{path}/output_factor"):
-          output_factors[path], faults = jax.lax.cond(
+        with jax.named_scope(f"sngd/{stack.name}/output_factor"):
+          output_factors[stack.key], faults = jax.lax.cond(
               refresh, refreshed_output,
-              lambda path=path: (state.output_factors[path],
-                                 jnp.zeros([], jnp.int32)))
+              lambda stack=stack: (state.output_factors[stack.key],
+                                   jnp.zeros([], jnp.int32)))
         inverse_faults += faults
     # Each layer's share of the clip's |.|_G^2, times its uses per example
-    # where "auto" chose expand: the per-example Fisher sums over them.
-    weights = {path: clip_weight(path, _one_layer(active[path], entries[path]))
-               for path in active}
+    # where "auto" chose expand: the per-example Fisher sums over them; a
+    # stack's rows of layers without activations count nothing.
+    weights = {layer.path: clip_weight(layer.path, _one_layer(
+        layer, entries[layer.path])) for stack in stacks
+               for layer in stack.layers if layer.path in entries}
+
+    def row_weights(stack):
+      return stack.rows_of({path: weights.get(path, 0) for path in
+                            (layer.path for layer in stack.layers)})
+
     momentum_norm = state.momentum_norm
     if momentum is not None:
       momentum_leaves = treedef.flatten_up_to(state.momentum)
 
       def remeasured():  # |m|_G^2 in the metric of the new blocks
-        def layer_metric(path, layer):
-          m = _gradient_matrix(layer, preconditioners[path], momentum_leaves)
-          if path in output_factors:  # |m|^2 in A (x) R^p: |m R^{p/2}|^2 in A
-            m = m @ output_factors[path][1]
-          return jnp.sum(layer.each(layer.block.metric, factors=True)(
-              preconditioners[path], m, entries[path]))
+        def stack_metric(stack):
+          precond = preconditioners[stack.key]
+          m = stack.join([_gradient_matrix(layer, precond, momentum_leaves)
+                          for layer in stack.layers])
+          if stack.key in output_factors:  # |m|^2 in A (x) R^p: |m R^{p/2}|^2 in A
+            m = m @ output_factors[stack.key][1]
+          return jnp.sum(row_weights(stack) * stack.each(
+              stack.block.metric, factors=True)(
+                  precond, m, stack.entry(entries)).astype(jnp.float32))
 
-        norm = sum((weights[path] * layer_metric(path, layer).astype(
-            jnp.float32) for path, layer in active.items()),
+        norm = sum((stack_metric(stack) for stack in stacks),
                    jnp.zeros([], jnp.float32))
         return jnp.where(jnp.isfinite(norm), norm, state.momentum_norm)
 
@@ -1054,21 +1234,24 @@ def scale_by_sngd(
         momentum_norm = jax.lax.cond(refresh, remeasured,
                                      lambda: state.momentum_norm)
     vg = jnp.zeros([], jnp.float32)
-    for path, layer in active.items():
-      g = gradients[path]
-      if path in output_factors:
-        directions[path] = directions[path] @ output_factors[path][0]
-        quadratic = jnp.vdot(directions[path], g)
+    for stack in stacks:
+      g = gradients[stack.key]
+      if stack.key in output_factors:
+        directions[stack.key] = directions[stack.key] @ output_factors[
+            stack.key][0]
+        quadratic = jnp.sum(directions[stack.key] * g, axis=(-2, -1))
       else:
-        quadratic = jnp.sum(layer.each(layer.block.quadratic)(
-            preconditioners[path], g, directions[path]))
-      vg += weights[path] * quadratic.astype(jnp.float32)
+        quadratic = stack.each(stack.block.quadratic)(
+            preconditioners[stack.key], g, directions[stack.key])
+      vg += jnp.sum(row_weights(stack) * quadratic.astype(jnp.float32))
     norm = vg
+    present = [layer for stack in stacks for layer in stack.layers
+               if layer.path in entries]
     if momentum is not None:  # |beta m + v|_G^2, with G v = g
-      cross = sum((weights[path] * jnp.vdot(momentum_leaves[index],
-                                             leaves[index])
-                   for path, layer in active.items()
-                   for index, _, _ in layer.leaves), jnp.zeros([]))
+      cross = sum((weights[layer.path] * jnp.vdot(momentum_leaves[index],
+                                                  leaves[index])
+                   for layer in present for index, _, _ in layer.leaves),
+                  jnp.zeros([]))
       norm = jnp.maximum(momentum ** 2 * momentum_norm
                          + 2 * momentum * cross.astype(jnp.float32) + vg, 0.0)
     scale, clipped = 1.0, jnp.zeros([], jnp.int32)
@@ -1076,10 +1259,11 @@ def scale_by_sngd(
       rate = learning_rate(count) if callable(learning_rate) else learning_rate
       scale = _kl_clip_scale(norm, rate, kl_clip)
       clipped = (scale < 1).astype(jnp.int32)
-    for path, layer in active.items():
-      _write_back(layer, directions[path], leaves)
-    active_leaves = {index for layer in active.values()
-                     for index, _, _ in layer.leaves}
+    for stack in stacks:
+      for layer, part in zip(stack.layers, stack.split(directions[stack.key])):
+        if layer.path in entries:
+          _write_back(layer, part, leaves)
+    active_leaves = {index for layer in present for index, _, _ in layer.leaves}
 
     def clip(leaves):  # the clip shortens the preconditioned leaves only
       return [(x * scale).astype(x.dtype) if i in active_leaves else x
@@ -1134,16 +1318,13 @@ def _statistic_ema(layer, sampled, entry, old, ema_decay, reduce,
     return _where_blocks(ok, ema, old), ~ok
 
 
-def _refresh_groups(active, stats, refresh_axis) -> list[list[str]]:
-  """The layers refreshed together: alone, or with ``refresh_axis`` grouped by
-  block (kind and size) and statistics dtype, so a group's devices can
-  divide it (``fisher.Linear.refresh_split``)."""
-  if refresh_axis is None:
-    return [[path] for path in active]
-  groups: dict[tuple, list[str]] = {}
-  for path, layer in active.items():
-    dtype = jax.tree.leaves(stats[path])[0].dtype
-    groups.setdefault((layer.block, dtype), []).append(path)
+def _refresh_groups(stacks: list[Stack], stats) -> list[list[Stack]]:
+  """The stacks refreshed together: those with the same block (kind and
+  size) and statistics dtype, whatever their outputs."""
+  groups: dict[tuple, list[Stack]] = {}
+  for stack in stacks:
+    dtype = jax.tree.leaves(stats[stack.key])[0].dtype
+    groups.setdefault((stack.block, dtype), []).append(stack)
   return list(groups.values())
 
 
@@ -1153,8 +1334,8 @@ def refresh_group(block, stacked, damping: linalg.Damping, solver,
   attempt: no retry); with ``refresh_axis`` its devices divide the work."""
   if refresh_axis is None:  # each block on every device
     if jax.tree.leaves(stacked)[0].shape[0] > 1:  # the layers of a stack
-      return fisher.batched(lambda s: block.refresh(s, damping, solver),
-                            (stacked,))
+      return fisher.batched(lambda s, d: block.refresh(s, d, solver),
+                            (stacked,), jax.tree.map(jnp.asarray, damping))
     unstacked = jax.tree.map(lambda x: x[0], stacked)
     return jax.tree.map(lambda x: x[None], block.refresh(
         unstacked, damping, solver))
@@ -1259,10 +1440,10 @@ def _write_back(layer: Layer, out, leaves: list):
     offset += rows
 
 
-def _each_of(layer: Layer, tree):
-  """One layer's initial state, repeated for each layer of a stack."""
+def _each_row(stack: Stack, tree):
+  """One layer's initial state, repeated for each row of a stack."""
   return jax.tree.map(
-      lambda x: jnp.broadcast_to(x, layer.lead + x.shape).copy(), tree)
+      lambda x: jnp.broadcast_to(x, stack.lead + x.shape).copy(), tree)
 
 
 def _stack_rows(layer: Layer, entry):
@@ -1277,25 +1458,6 @@ def _one_layer(layer: Layer, entry):
   if not layer.stack:
     return entry
   return jax.tree.map(lambda x: x[0], _stack_rows(layer, entry))
-
-
-def _stacked(group: list[Layer], trees: list):
-  """The state of a group of alike layers on one leading axis: a stack's
-  layers, one layer's block."""
-  return jax.tree.map(lambda *xs: jnp.concatenate(xs), *[
-      tree if layer.stack else jax.tree.map(lambda x: x[None], tree)
-      for layer, tree in zip(group, trees)])
-
-
-def _unstacked(group: list[Layer], stacked) -> list:
-  """``_stacked``'s inverse: each layer's part of the group's state."""
-  parts, offset = [], 0
-  for layer in group:
-    size = max(layer.stack, 1)
-    part = jax.tree.map(lambda x, o=offset, n=size: x[o:o + n], stacked)
-    parts.append(part if layer.stack else jax.tree.map(lambda x: x[0], part))
-    offset += size
-  return parts
 
 
 def sngd(

@@ -304,8 +304,8 @@ def test_nystrom_block_against_its_explicit_construction():
 
   xt = with_ones(x)
   g = xt.T @ xt / len(xt)
-  columns = np.array(sngd_jax.fisher.NystromLinear.for_layer(
-      "dense", 31, 6, bias=True).columns)
+  columns = np.array(sngd_jax.fisher.NystromLinear.for_width(
+      31, 6, bias=True).columns)
   assert 30 in columns  # the bias column is always sampled
   approx = g[:, columns] @ np.linalg.pinv(g[np.ix_(columns, columns)]) @ g[columns]
   spectral = (np.trace(g) - np.trace(approx)) / (31 - 6)

@@ -580,7 +580,7 @@ def test_slopes_weigh_the_rows_of_the_linear_and_nystrom_blocks():
   entry = {"inputs": jnp.asarray(x), fisher.SLOPES: jnp.asarray(s)}
   np.testing.assert_allclose(fisher.Linear(7).statistic(entry, jnp.float64),
                              expected, rtol=1e-12)
-  nystrom = fisher.NystromLinear.for_layer("a", 7, 3, bias=True)
+  nystrom = fisher.NystromLinear.for_width(7, 3, bias=True)
   stats = nystrom.statistic(entry, jnp.float64)
   np.testing.assert_allclose(stats["columns"],
                              expected[:, list(nystrom.columns)], rtol=1e-12)

@@ -17,6 +17,12 @@ from tests.helpers import cross_entropy
 D, LAYERS, STEPS = 8, 3, 4
 # Statistics and refreshes at every step, and every position (sampled
 # positions are drawn per layer), so each step exercises every stage.
+# The KL clip sums the step's length in float32, in an order that depends on
+# how the layers stack: its scale, and so the params, agree to ~1e-7; the
+# statistics, which it does not touch, to float64's rounding.
+def assert_params_close(stacked, unrolled):
+  np.testing.assert_allclose(stacked, unrolled, rtol=1e-6,
+                             atol=1e-6 * np.max(np.abs(unrolled)))
 OPTIONS = dict(momentum=0.9, stats_every=1, inverse_every=2,
                stats_positions=None)
 
@@ -109,20 +115,20 @@ def test_nnx_scanned_blocks_train_as_the_unrolled_model():
 
   stacked = nnx.state(scanned.blocks, nnx.Param)
   for i, block in enumerate(unrolled.blocks):
-    jax.tree.map(lambda s, u, i=i: np.testing.assert_allclose(
-        s[i], u, rtol=1e-9, atol=1e-12), stacked, nnx.state(block, nnx.Param))
-  np.testing.assert_allclose(scanned.head.kernel[...],
-                             unrolled.head.kernel[...], rtol=1e-9)
+    jax.tree.map(lambda s, u, i=i: assert_params_close(s[i], u), stacked,
+                 nnx.state(block, nnx.Param))
+  assert_params_close(scanned.head.kernel[...], unrolled.head.kernel[...])
   # Each layer of the stack has its own block, equal to the unrolled layer's.
   state = optimizer.opt_state[0]
   unrolled_state = unrolled_optimizer.opt_state[0]
   for name in ("attn/query", "up", "down", "norm"):
-    stats = state.stats[f"blocks/{name}"][...]
+    stats = sngd_jax.layer_slice(state.stats, f"blocks/{name}")[...]
     assert stats.shape[0] == LAYERS
     for i in range(LAYERS):
       np.testing.assert_allclose(
-          stats[i], unrolled_state.stats[f"blocks/{i}/{name}"][...],
-          rtol=1e-9, atol=1e-12)
+          stats[i], sngd_jax.layer_slice(unrolled_state.stats,
+                                         f"blocks/{i}/{name}")[...],
+          rtol=1e-6, atol=1e-12)
     assert not np.allclose(stats[0], stats[1])  # not one block shared
   # Preconditioned: the step is not the plain gradient's.
   assert state.clipped[...] >= 0 and int(state.inverse_faults[...]) == 0
@@ -132,7 +138,8 @@ def test_nnx_scanned_blocks_train_as_the_unrolled_model():
 
 def test_stacked_preconditioner_is_not_the_identity():
   scanned, optimizer = nnx_trained(Scanned(nnx.Rngs(1)), steps=1)
-  precond = optimizer.opt_state[0].preconditioners["blocks/up"][...]
+  precond = sngd_jax.layer_slice(optimizer.opt_state[0].preconditioners,
+                                 "blocks/up")[...]
   assert precond.shape == (LAYERS, D + 1, D + 1)
   for i in range(LAYERS):
     assert not np.allclose(precond[i], np.eye(D + 1), atol=1e-3)
@@ -145,9 +152,10 @@ def test_a_bias_free_stack_needs_naming_and_then_trains():
                                  stacked={"blocks/*": True},
                                  output_axes={"*/query": 2, "*/key": 2,
                                               "*/value": 2})
-  assert optimizer.opt_state[0].stats["blocks/attn/key"][...].shape == (
+  stats = optimizer.opt_state[0].stats
+  assert sngd_jax.layer_slice(stats, "blocks/attn/key")[...].shape == (
       LAYERS, D, D)
-  assert optimizer.opt_state[0].stats["blocks/norm"][...].shape == (
+  assert sngd_jax.layer_slice(stats, "blocks/norm")[...].shape == (
       LAYERS, D, 1, 1)
 
 
@@ -206,7 +214,7 @@ def test_linen_scan_over_layers_trains_as_the_unrolled_model():
     scanned, state = linen_trained(True, params)
   unrolled, _ = linen_trained(False, unrolled)
   for i in range(LAYERS):
-    jax.tree.map(lambda s, u, i=i: np.testing.assert_allclose(
-        s[i], u, rtol=1e-9, atol=1e-12),
+    jax.tree.map(lambda s, u, i=i: assert_params_close(s[i], u),
                  scanned["ScanLinenBlock_0"], unrolled[f"block{i}"])
-  assert state[0].stats["ScanLinenBlock_0/Dense_0"].shape == (LAYERS, 9, 9)
+  assert sngd_jax.layer_slice(state[0].stats, "ScanLinenBlock_0/Dense_0"
+                              ).shape == (LAYERS, 9, 9)

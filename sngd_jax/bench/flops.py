@@ -20,11 +20,12 @@ from __future__ import annotations
 import inspect
 import math
 import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from sngd_jax import linalg, split, transform
+from sngd_jax import linalg, transform
 
 _SHAPE = re.compile(r"[fc](?:16|32|64)\[([0-9,]*)\]")
 
@@ -83,12 +84,20 @@ def refresh(tx_options: dict, layers, stats, refresh_axis=None):
                            jnp.asarray(option("relative_damping")),
                            option("max_condition"))
   solver = option("solver")
-  active = {layer.path: layer for layer in layers}
-  out = {}
-  for paths in transform._refresh_groups(active, stats, refresh_axis):
+  layers_by_path = {layer.path: layer for layer in layers}
+  out: dict[str, Any] = {}
+  groups: dict[tuple, list] = {}
+  for layer in layers:
+    # One device refreshes a group's blocks in a loop, whose FLOPs XLA's
+    # cost analysis counts once: alone, each is counted.
+    dtype = jax.tree.leaves(stats[layer.path])[0].dtype
+    alike = (layer.block, dtype) if refresh_axis else (layer.path,)
+    groups.setdefault(alike, []).append(layer.path)
+  for paths in groups.values():
     fresh = transform.refresh_group(
-        active[paths[0]].block, split.stack([stats[p] for p in paths]),
+        layers_by_path[paths[0]].block, jax.tree.map(
+            lambda *xs: jnp.stack(xs), *[stats[path] for path in paths]),
         damping, solver, refresh_axis)
-    out.update({p: jax.tree.map(lambda x, i=i: x[i], fresh)
-                for i, p in enumerate(paths)})
+    out.update((path, jax.tree.map(lambda x, i=i: x[i], fresh))
+               for i, path in enumerate(paths))
   return out
