@@ -136,10 +136,6 @@ class Layer:
     """The leading shape of the layer's arrays: ``(stack,)`` or ``()``."""
     return (self.stack,) if self.stack else ()
 
-  def each(self, function):
-    """``function`` applied to each layer of a stack; a single layer's unchanged."""
-    return _mapped(function, bool(self.stack))
-
 
 def _mapped(function, over_rows: bool, factors: bool = False, shared=()):
   """``function(*rows, *shared)`` mapped over the leading axis of each of the
@@ -162,7 +158,46 @@ def _mapped(function, over_rows: bool, factors: bool = False, shared=()):
 
 
 @dataclasses.dataclass(frozen=True)
-class Stack:
+class _Rows:
+  """Layers laid out as rows of one array: each one's (a scanned stack's
+  several), on a leading axis; a single layer's alone keeps its layout."""
+
+  layers: tuple[Layer, ...]
+
+  @property
+  def lead(self) -> tuple[int, ...]:
+    """The leading shape of the arrays: the rows, or ``()``."""
+    if len(self.layers) == 1:
+      return self.layers[0].lead
+    return (sum(max(layer.stack, 1) for layer in self.layers),)
+
+  def each(self, function, *shared, factors: bool = False):
+    """``function`` applied to each row (``_mapped``)."""
+    return _mapped(function, bool(self.lead), factors, shared)
+
+  def split(self, tree) -> list:
+    """Each layer's part of the rows, in the layer's own layout."""
+    if len(self.layers) == 1:
+      return [tree]
+    parts, offset = [], 0
+    for layer in self.layers:
+      rows = max(layer.stack, 1)
+      part = jax.tree.map(lambda x, o=offset, r=rows: x[o:o + r], tree)
+      parts.append(part if layer.stack else jax.tree.map(lambda x: x[0], part))
+      offset += rows
+    return parts
+
+  def join(self, parts: list):
+    """``split``'s inverse: the layers' parts as rows."""
+    if len(self.layers) == 1:
+      return parts[0]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *[
+        part if layer.stack else jax.tree.map(lambda x: x[None], part)
+        for layer, part in zip(self.layers, parts)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack(_Rows):
   """Alike layers whose blocks are kept, refreshed and applied as one array.
 
   Layers with the same block (kind and size), outputs and state dtype: a
@@ -173,8 +208,6 @@ class Stack:
   stack lead with its rows, except a single layer's (its own layout).
   Embedding tables are never stacked (their step reads their activations).
   """
-
-  layers: tuple[Layer, ...]
 
   @property
   def key(self) -> str:
@@ -193,37 +226,6 @@ class Stack:
   @property
   def block(self):
     return self.layers[0].block
-
-  @property
-  def lead(self) -> tuple[int, ...]:
-    """The leading shape of the stack's arrays: its rows, or ``()``."""
-    if len(self.layers) == 1:
-      return self.layers[0].lead
-    return (sum(max(layer.stack, 1) for layer in self.layers),)
-
-  def each(self, function, *shared, factors: bool = False):
-    """``function`` applied to each row (``_mapped``)."""
-    return _mapped(function, bool(self.lead), factors, shared)
-
-  def split(self, tree) -> list:
-    """Each layer's part of a stack's array, in the layer's own layout."""
-    if len(self.layers) == 1:
-      return [tree]
-    parts, offset = [], 0
-    for layer in self.layers:
-      rows = max(layer.stack, 1)
-      part = jax.tree.map(lambda x, o=offset, r=rows: x[o:o + r], tree)
-      parts.append(part if layer.stack else jax.tree.map(lambda x: x[0], part))
-      offset += rows
-    return parts
-
-  def join(self, parts: list):
-    """``split``'s inverse: the layers' parts on the stack's rows."""
-    if len(self.layers) == 1:
-      return parts[0]
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *[
-        part if layer.stack else jax.tree.map(lambda x: x[None], part)
-        for layer, part in zip(self.layers, parts)])
 
   def batch(self, tree):
     """The stack's arrays with a leading rows axis (a single layer's: one)."""
@@ -275,6 +277,23 @@ def layer_slice(blocks: Mapping[str, Any], path: str):
         return part if rows else jax.tree.map(lambda x: x[0], part)
       offset += size
   raise KeyError(f"no layer {path!r} in the state's blocks: {list(blocks)}")
+
+
+def _statistics_batches(stack: Stack, entries, sharing):
+  """``(mode, layers)``: a stack's layers with activations, in batches whose
+  entries have one structure and shapes (so they stack) and one weight
+  sharing mode (``sharing(path, one layer's entry)``)."""
+  batches: dict[tuple, list[Layer]] = {}
+  for layer in stack.layers:
+    if layer.path not in entries:
+      continue
+    entry = _one_layer(layer, entries[layer.path])
+    mode = sharing(layer.path, entry)
+    shapes = tuple((np.shape(x), str(jnp.result_type(x)))
+                   for x in jax.tree.leaves(entry))
+    batches.setdefault((mode, jax.tree.structure(entry), shapes),
+                       []).append(layer)
+  return [(key[0], tuple(layers)) for key, layers in batches.items()]
 
 
 def plan_stacks(layers, dtype_of: Callable[[Layer], Any]) -> list[Stack]:
@@ -1054,23 +1073,21 @@ def scale_by_sngd(
       return jax.lax.pmax(decision.astype(jnp.int32), vmap_axis_name) > 0
 
     # One cond for every layer's statistics: on the steps in between, the
-    # program skips them all at once. Each layer takes its own (a stack's
-    # layers share a program), joined into its stack's rows.
+    # program skips them all at once. A stack's layers whose activations have
+    # the same shapes (a block's q/k/v, the same layer of every block) take
+    # theirs as one batch.
     def all_statistics():
       out, faults = {}, jnp.zeros([], jnp.int32)
-      # The positions drawn depend on the step and the layer only: every
-      # device and every model draws the same ones.
+      # The positions drawn depend on the step and the batch of layers only:
+      # every device and every model draws the same ones.
       step_key = jax.random.fold_in(jax.random.key(0), count)
       number = 0
       for stack in stacks:
         parts = stack.split(state.stats[stack.key])
-        for i, layer in enumerate(stack.layers):
-          if layer.path not in entries:
-            continue
+        for mode, members in _statistics_batches(stack, entries, sharing):
           key, number = jax.random.fold_in(step_key, number), number + 1
 
-          def statistic(entry, old, layer=layer, key=key):
-            mode = sharing(layer.path, entry)
+          def statistic(entry, old, layer=members[0], mode=mode, key=key):
             limit = (AUTO_STATS_POSITIONS[mode] if auto_positions
                      else stats_positions)
             sampled = entry if limit is None else fisher.sampled_positions(
@@ -1078,9 +1095,14 @@ def scale_by_sngd(
             return _statistic_ema(layer, sampled, entry, old, ema_decay,
                                   mode == "reduce", axis_name)
 
-          with jax.named_scope(f"sngd/{layer.path}"):
-            parts[i], fault = layer.each(statistic)(entries[layer.path],
-                                                    parts[i])
+          rows = _Rows(members)
+          indices = [stack.layers.index(layer) for layer in members]
+          with jax.named_scope(f"sngd/{members[0].path}/statistics"):
+            fresh, fault = rows.each(statistic)(
+                rows.join([entries[layer.path] for layer in members]),
+                rows.join([parts[i] for i in indices]))
+          for i, part in zip(indices, rows.split(fresh)):
+            parts[i] = part
           faults += jnp.sum(fault).astype(jnp.int32)
         out[stack.key] = stack.join(parts)
       return out, faults
@@ -1233,7 +1255,7 @@ def scale_by_sngd(
       with jax.named_scope("sngd/momentum_norm"):
         momentum_norm = jax.lax.cond(refresh, remeasured,
                                      lambda: state.momentum_norm)
-    vg = jnp.zeros([], jnp.float32)
+    quadratics = []
     for stack in stacks:
       g = gradients[stack.key]
       if stack.key in output_factors:
@@ -1243,22 +1265,30 @@ def scale_by_sngd(
       else:
         quadratic = stack.each(stack.block.quadratic)(
             preconditioners[stack.key], g, directions[stack.key])
-      vg += jnp.sum(row_weights(stack) * quadratic.astype(jnp.float32))
+      quadratics.append(jnp.ravel(row_weights(stack) * quadratic.astype(
+          jnp.float32)))
+    vg = jnp.sum(jnp.concatenate(quadratics or [jnp.zeros([0], jnp.float32)]))
     norm = vg
     present = [layer for stack in stacks for layer in stack.layers
                if layer.path in entries]
     if momentum is not None:  # |beta m + v|_G^2, with G v = g
-      cross = sum((weights[layer.path] * jnp.vdot(momentum_leaves[index],
-                                                  leaves[index])
-                   for layer in present for index, _, _ in layer.leaves),
-                  jnp.zeros([]))
+      cross = jnp.sum(jnp.stack([
+          weights[layer.path] * jnp.vdot(momentum_leaves[index],
+                                         leaves[index]).astype(jnp.float32)
+          for layer in present for index, _, _ in layer.leaves]
+                                + [jnp.zeros([], jnp.float32)]))
       norm = jnp.maximum(momentum ** 2 * momentum_norm
-                         + 2 * momentum * cross.astype(jnp.float32) + vg, 0.0)
+                         + 2 * momentum * cross + vg, 0.0)
     scale, clipped = 1.0, jnp.zeros([], jnp.int32)
     if kl_clip is not None:
       rate = learning_rate(count) if callable(learning_rate) else learning_rate
       scale = _kl_clip_scale(norm, rate, kl_clip)
       clipped = (scale < 1).astype(jnp.int32)
+      # A cond's result is computed once: XLA copied the sum over every layer
+      # that the scale reads into each leaf's fused product (a 6-block GPT's
+      # update: 21k of its 62k HLO lines).
+      scale = jax.lax.cond(clipped > 0, lambda: scale, lambda: jnp.ones_like(
+          scale))
     for stack in stacks:
       for layer, part in zip(stack.layers, stack.split(directions[stack.key])):
         if layer.path in entries:
@@ -1381,15 +1411,24 @@ def _refreshed(block, stats, old, damping: linalg.Damping, solver, valid,
         old)
     return fresh, _finite_blocks(fresh)
 
+  # The retry is the loop's second iteration: the refresh's program (a
+  # batch of factorizations and power iterations) is compiled once.
+  def tried(carry):
+    tries, fresh, good, first_ok = carry
+    retry = tries > 0
+    again, again_ok = attempt(jnp.where(retry, 100.0, 1.0),
+                              jnp.where(retry, 1e-3, 0.0))
+    return (tries + 1, _where_blocks(good, fresh, again), good | again_ok,
+            jnp.where(retry, first_ok, again_ok))
+
+  def another(carry):
+    tries, _, good, _ = carry
+    return (tries == 0) | ((tries < 2) & for_every_model(~jnp.all(good)))
+
   with jax.named_scope("refresh"):
-    fresh, ok = attempt(1.0, 0.0)
-
-    def retried():
-      again, again_ok = attempt(100.0, 1e-3)
-      return _where_blocks(ok, fresh, again), ok | again_ok
-
-    fresh, good = jax.lax.cond(for_every_model(~jnp.all(ok)), retried,
-                               lambda: (fresh, ok))
+    none = jnp.zeros(jax.tree.leaves(stats)[0].shape[:1], bool)
+    _, fresh, good, ok = jax.lax.while_loop(
+        another, tried, (jnp.zeros([], jnp.int32), old, none, none))
     return (_where_blocks(good & valid, fresh, old),
             jnp.sum(~ok).astype(jnp.int32))
 
