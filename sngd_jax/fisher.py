@@ -166,8 +166,10 @@ def batched(function, blocks, *shared):
 
   @jax.custom_batching.custom_vmap
   def in_batches(blocks, shared):
+    # A batch of one is a plain loop: lax.map's batches of one are batched
+    # factorizations of one block, which split past the threshold too.
     return jax.lax.map(lambda unit: function(*unit, *shared), blocks,
-                       batch_size=batch)
+                       batch_size=None if batch == 1 else batch)
 
   @in_batches.def_vmap
   def one_model_at_a_time(axis_size, in_batched, blocks, shared):

@@ -236,9 +236,10 @@ class Stack(_Rows):
     return tree if self.lead else jax.tree.map(lambda x: x[0], tree)
 
   def entry(self, entries: Mapping) -> Mapping:
-    """What a block's step reads of the activations: a single layer's entry
-    (an embedding's lookups), none for several."""
-    return entries[self.layers[0].path] if len(self.layers) == 1 else {}
+    """What a block's step reads of the activations: an embedding's entry
+    (its lookups); no other block reads them."""
+    return (entries[self.layers[0].path]
+            if isinstance(self.block, fisher.Embedding) else {})
 
   def rows_of(self, values: Mapping[str, Any]):
     """One value per layer, laid out on the stack's rows (``()`` for a
@@ -829,7 +830,8 @@ def scale_by_sngd(
       then add up to ``1 / (1 - momentum^2)`` times one step's
       squared length, not ``1 / (1 - momentum)^2``, so the clip binds only
       where the steps agree.
-    nesterov: Nesterov momentum (output ``momentum * m + v``).
+    nesterov: Nesterov momentum (output ``momentum * m + v``; the KL clip
+      bounds that step, and the buffer with it).
     weight_sharing: for a layer used several times per example (conv
       positions, scan steps, tokens, repeated calls; the activations' first
       axis is the examples axis): ``"reduce"`` (one loss per example) sums
@@ -1279,10 +1281,17 @@ def scale_by_sngd(
                                 + [jnp.zeros([], jnp.float32)]))
       norm = jnp.maximum(momentum ** 2 * momentum_norm
                          + 2 * momentum * cross + vg, 0.0)
+    # The step applied: the buffer m' = beta m + v, or with Nesterov
+    # beta m' + v, whose |.|_G^2 = beta^2 |m'|^2 + 2 beta m'.g + v.g (m'.g =
+    # beta m.g + v.g). The clip bounds it and the buffer kept alike.
+    applied = norm
+    if momentum is not None and nesterov:
+      applied = jnp.maximum(norm, momentum ** 2 * norm + 2 * momentum * (
+          momentum * cross + vg) + vg)
     scale, clipped = 1.0, jnp.zeros([], jnp.int32)
     if kl_clip is not None:
       rate = learning_rate(count) if callable(learning_rate) else learning_rate
-      scale = _kl_clip_scale(norm, rate, kl_clip)
+      scale = _kl_clip_scale(applied, rate, kl_clip)
       clipped = (scale < 1).astype(jnp.int32)
       # A cond's result is computed once: XLA copied the sum over every layer
       # that the scale reads into each leaf's fused product (a 6-block GPT's
