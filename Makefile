@@ -44,6 +44,6 @@ lint: $(STAMP)
 test: lint
 	$(VENV)/bin/python -m pytest -n 2 --maxschedchunk 1 --durations=15 tests
 
-# Every deliberate bug in tests/mutants.py must fail a test (~40 min).
+# Every deliberate bug in tests/mutants.py must fail a test (~20 min).
 mutants: $(STAMP)
 	$(VENV)/bin/python tests/mutants.py
