@@ -75,12 +75,34 @@ def features(x, n, dtype):
   return jnp.concatenate([x, jnp.ones_like(x[:, :1])], axis=1)
 
 
-def _explicitly_sharded(x) -> bool:
-  """Whether an explicit-sharding mesh (``jax.make_mesh``'s default) splits ``x``."""
+def explicit_spec(x) -> jax.sharding.PartitionSpec | None:
+  """How an explicit-sharding mesh (``jax.make_mesh``'s default) splits
+  ``x``; ``None`` where it does not (Auto axes, no mesh, replicated)."""
   sharding = getattr(jax.typeof(x), "sharding", None)
   mesh = getattr(sharding, "mesh", None)
   explicit = jax.sharding.AxisType.Explicit in getattr(mesh, "axis_types", ())
-  return bool(explicit and sharding is not None and any(sharding.spec))
+  if explicit and sharding is not None and any(sharding.spec):
+    return sharding.spec
+  return None
+
+
+def _explicitly_sharded(x) -> bool:
+  return explicit_spec(x) is not None
+
+
+def split_only_leading(x, axes: int):
+  """``x`` split by an explicit mesh along its first ``axes`` axes at most.
+
+  A tensor-parallel model's activations and gradients are split along their
+  features (``float32[16@batch, 8, 32@model]``): the blocks' statistics,
+  reshapes and concatenations need whole rows, so the features are gathered
+  while the examples (and a stack's layers) stay split. Elsewhere ``x`` is
+  returned as it is.
+  """
+  spec = explicit_spec(x)
+  if spec is None or not any(spec[axes:]):
+    return x
+  return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*spec[:axes]))
 
 
 def _replicated(x):
@@ -89,9 +111,7 @@ def _replicated(x):
   A scatter into a replicated table needs replicated indices there; elsewhere
   (Auto axes, no mesh) ``x`` is returned as it is.
   """
-  if _explicitly_sharded(x):
-    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
-  return x
+  return split_only_leading(x, 0)
 
 
 def batch_mean(spec: str, *operands):

@@ -1057,11 +1057,19 @@ def scale_by_sngd(
                     stacklevel=_user_stacklevel())
     for path, entry in entries.items():
       _check_entry(by_path[path], entry)
-    # A stack's entry without its marker: vmapped over its layers.
+    # A stack's entry without its marker: vmapped over its layers; split by
+    # an explicit mesh along its examples (and layers) only.
     entries = {path: _stack_rows(by_path[path], entry)
+               for path, entry in entries.items()}
+    entries = {path: jax.tree.map(lambda x, lead=1 + bool(
+        by_path[path].stack): fisher.split_only_leading(x, lead), entry)
                for path, entry in entries.items()}
 
     leaves, treedef = jax.tree.flatten(updates)
+    # A tensor-parallel model's gradients are gathered for the blocks (which
+    # are replicated) and split again as they came at the end.
+    specs = [fisher.explicit_spec(x) for x in leaves]
+    leaves = [fisher.split_only_leading(x, 0) for x in leaves]
     stacks = [stack for stack in plan_stacks(layers, _dtype_of(leaves))
               if any(layer.path in entries for layer in stack.layers)]
 
@@ -1237,7 +1245,8 @@ def scale_by_sngd(
 
     momentum_norm = state.momentum_norm
     if momentum is not None:
-      momentum_leaves = treedef.flatten_up_to(state.momentum)
+      momentum_leaves = [fisher.split_only_leading(x, 0) for x in
+                         treedef.flatten_up_to(state.momentum)]
 
       def remeasured():  # |m|_G^2 in the metric of the new blocks
         def stack_metric(stack):
@@ -1311,15 +1320,20 @@ def scale_by_sngd(
     def heavy_ball(m, v):
       return (momentum * m + v).astype(m.dtype)
 
+    def split_as_they_came(leaves):
+      return [x if spec is None else jax.sharding.reshard(x, spec)
+              for x, spec in zip(leaves, specs)]
+
     new_buffer = None
     if momentum is not None:
       new_buffer = clip(list(map(heavy_ball, momentum_leaves, leaves)))
       norm = norm * jnp.square(scale)
       leaves = (list(map(heavy_ball, new_buffer, clip(leaves))) if nesterov
                 else new_buffer)
-      new_buffer = jax.tree.unflatten(treedef, new_buffer)
+      new_buffer = jax.tree.unflatten(treedef, split_as_they_came(new_buffer))
     else:
       leaves = clip(leaves)
+    leaves = split_as_they_came(leaves)
     new_state = ScaleBySNGDState(
         optax.safe_increment(state.count), weight, stats, preconditioners,
         state.stats_faults + stat_faults,

@@ -7,19 +7,25 @@ import sys
 from pathlib import Path
 
 
-def test_sharded_training_matches_single_device():
+def run_check(script: str, xla_flags: str = "") -> dict:
+  """Runs ``tests/<script>`` on 8 simulated CPU devices; its JSON report."""
   here = Path(__file__).parent
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=(
+      f"--xla_force_host_platform_device_count=8 {xla_flags}"),
              PYTHONPATH=f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
              JAX_PLATFORMS="cpu")
   try:
-    result = subprocess.run([sys.executable, str(here / "sharding_check.py")],
+    result = subprocess.run([sys.executable, str(here / script)],
                             capture_output=True, text=True, env=env, timeout=600)
   except subprocess.TimeoutExpired as timeout:
     # The check prints each stage it starts: say where it stopped.
     raise AssertionError((timeout.stderr or b"")[-3000:].decode()) from timeout
   assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(result.stdout.strip().splitlines()[-1])
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_sharded_training_matches_single_device():
+  report = run_check("sharding_check.py")
   assert report["data_parallel"] < 1e-5, report
   assert report["param_sharded"] < 1e-5, report
   # pmap with axis_name: every replica identical, equal to one device.
@@ -42,3 +48,14 @@ def test_sharded_training_matches_single_device():
   # Each of 8 devices does at most a quarter of one device's refresh FLOPs.
   assert report["refresh_flops_ratio"] <= 0.25, report
   assert report["batch_devices"] == 8, report
+
+
+def test_tensor_parallel_explicit_meshes_match_single_device():
+  # The Flax MiniGPT tutorial's annotations (kernels split over "model"
+  # along their outputs or inputs) under (4, 2) and (2, 4) Explicit meshes.
+  # XLA:CPU's concurrency-optimized scheduler deadlocks this program's
+  # collectives between simulated devices (jax 0.10.2; README: Scale).
+  report = run_check("tensor_parallel_check.py",
+                     "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+  assert set(report) == {"4x2", "2x4"}, report
+  assert max(report.values()) < 1e-4, report
