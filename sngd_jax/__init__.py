@@ -3,6 +3,7 @@
 from sngd_jax.capture import conv_patches, dense, linen_capture, nnx_capture
 from sngd_jax.fisher import KINDS
 from sngd_jax.linalg import denman_beavers
+from sngd_jax.train_state import TrainState
 from sngd_jax.transform import (
     Nystrom,
     ScaleBySNGDState,
@@ -17,6 +18,7 @@ __all__ = [
     "KINDS",
     "Nystrom",
     "ScaleBySNGDState",
+    "TrainState",
     "conv_patches",
     "dense",
     "denman_beavers",

@@ -646,6 +646,31 @@ def _validate_per_layer(name, option, values):
 _LIBRARIES = ("sngd_jax", "optax", "jax", "flax", "chex")
 
 
+# Callers known to call ``tx.update`` without extra arguments, and the fix.
+_DROPPING_CALLERS = {
+    "flax/training/train_state.py": (
+        "Flax's TrainState.apply_gradients calls tx.update without them: use "
+        "sngd_jax.TrainState, whose apply_gradients(grads=..., "
+        "activations=acts) passes them on."),
+    "flax/nnx/training/optimizer.py": (
+        "Pass them to the optimizer: optimizer.update(model, grads, "
+        "activations=acts)."),
+}
+
+
+def _missing_activations_hint() -> str:
+  """What to do, naming the caller that dropped the activations if known."""
+  frame = sys._getframe(1)
+  while frame is not None:
+    filename = frame.f_code.co_filename.replace("\\", "/")
+    for suffix, hint in _DROPPING_CALLERS.items():
+      if filename.endswith(suffix):
+        return hint
+    frame = frame.f_back
+  return ("Call tx.update(grads, state, params, activations=acts); a wrapper "
+          "or training loop that calls update for you must pass them on.")
+
+
 def _user_stacklevel() -> int:
   """The ``stacklevel`` of the first caller outside sngd_jax, Optax, JAX and Flax.
 
@@ -1033,7 +1058,8 @@ def scale_by_sngd(
     if activations is None:
       raise ValueError("scale_by_sngd needs activations=...: the inputs and "
                        "outputs of each layer in this forward pass "
-                       "(sngd_jax.nnx_capture / linen_capture build them)")
+                       "(sngd_jax.nnx_capture / linen_capture build them). "
+                       + _missing_activations_hint())
     layers, passthrough = plan(updates)
     by_path = {layer.path: layer for layer in layers}
     # Entries of layers without trainable parameters here (frozen by the

@@ -28,7 +28,7 @@ def test_missing_params(setup):
 
 def test_missing_activations(setup):
   tx, state, params, _, grads = setup
-  with pytest.raises(ValueError, match="needs activations"):
+  with pytest.raises(ValueError, match="needs activations.*pass them on"):
     tx.update(grads, state, params)
 
 

@@ -650,3 +650,38 @@ def test_linen_capture_takes_a_train_states_apply_fn():
   y_ref, acts_ref = sngd_jax.linen_capture(model, variables, images)
   np.testing.assert_array_equal(y, y_ref)
   assert sorted(acts) == sorted(acts_ref) == ["Conv_0", "Dense_0", "LayerNorm_0"]
+
+
+def test_linen_train_state_forwards_the_activations():
+  from flax.training import train_state
+
+  model = LinenCNN()
+  images, _, labels = cnn_batch()
+  params = model.init(jax.random.PRNGKey(0), images)["params"]
+  tx = sngd_jax.sngd(0.1, momentum=0.9)
+
+  def grads_and_acts(params):
+    def loss_fn(params):
+      logits, acts = sngd_jax.linen_capture(model, {"params": params}, images)
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits, labels).mean(), acts
+    (_, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, acts
+
+  state = sngd_jax.TrainState.create(apply_fn=model.apply, params=params,
+                                     tx=tx)
+  grads, acts = grads_and_acts(params)
+  stepped = jax.jit(lambda s, g, a: s.apply_gradients(grads=g, activations=a))(
+      state, grads, acts)
+  updates, opt_state = tx.update(grads, tx.init(params), params,
+                                 activations=acts)
+  assert int(stepped.step) == 1
+  assert_tree_close(stepped.params,
+                    optax.apply_updates(params, updates))
+  assert_tree_close(stepped.opt_state, opt_state)
+  # Flax's own TrainState drops them: the error names it and the fix.
+  flax_state = train_state.TrainState.create(apply_fn=model.apply,
+                                             params=params, tx=tx)
+  with pytest.raises(ValueError, match="Flax's TrainState.apply_gradients.*"
+                     "sngd_jax.TrainState"):
+    flax_state.apply_gradients(grads=grads)
