@@ -660,7 +660,7 @@ _DROPPING_CALLERS = {
 
 def _missing_activations_hint() -> str:
   """What to do, naming the caller that dropped the activations if known."""
-  frame = sys._getframe(1)
+  frame: types.FrameType | None = sys._getframe(1)
   while frame is not None:
     filename = frame.f_code.co_filename.replace("\\", "/")
     for suffix, hint in _DROPPING_CALLERS.items():
