@@ -646,6 +646,37 @@ def _validate_per_layer(name, option, values):
 _LIBRARIES = ("sngd_jax", "optax", "jax", "flax", "chex")
 
 
+def _check_mapped_axes(count, axis_name, vmap_axis_name, refresh_axis):
+  """Fails at trace time where the step is mapped and SNGD was not told.
+
+  Under ``jax.vmap`` over several models' states without ``vmap_axis_name``
+  the refresh conds become selects of every branch (a width-128 model's step
+  hung on CPU); under ``pmap``/``shard_map`` without ``axis_name`` every
+  device keeps the statistics of its own shard and the replicas drift apart.
+  """
+  if vmap_axis_name is None and type(count).__name__ == "BatchTracer":
+    raise ValueError(
+        "scale_by_sngd's state is batched by jax.vmap (several models at "
+        "once): name the vmap's axis, jax.vmap(step, axis_name='models'), and "
+        "pass sngd(..., vmap_axis_name='models') so that the models decide "
+        "their statistics and refresh steps together")
+  if axis_name is not None:
+    return
+  # jax exposes the axes bound around a trace only in its core (jax 0.10).
+  axis_env = getattr(getattr(jax._src.core, "get_axis_env", lambda: None)(),
+                     "axis_sizes", {})
+  mapped = sorted(set(axis_env) - {vmap_axis_name, refresh_axis})
+  if mapped:
+    shown = ["(pmap's unnamed axis)" if name == "_internal_pmap_axis_name"
+             else repr(name) for name in mapped]
+    raise ValueError(
+        f"scale_by_sngd runs inside jax.pmap / shard_map over {', '.join(shown)}"
+        " without axis_name: each device would keep the statistics of its own "
+        "shard and the replicas drift apart. Name the axis the gradients are "
+        "averaged over, jax.pmap(step, axis_name='data'), and pass "
+        "sngd(..., axis_name='data')")
+
+
 # Callers known to call ``tx.update`` without extra arguments, and the fix.
 _DROPPING_CALLERS = {
     "flax/training/train_state.py": (
@@ -1060,6 +1091,7 @@ def scale_by_sngd(
                        "outputs of each layer in this forward pass "
                        "(sngd_jax.nnx_capture / linen_capture build them). "
                        + _missing_activations_hint())
+    _check_mapped_axes(state.count, axis_name, vmap_axis_name, refresh_axis)
     layers, passthrough = plan(updates)
     by_path = {layer.path: layer for layer in layers}
     # Entries of layers without trainable parameters here (frozen by the

@@ -166,3 +166,35 @@ def test_refresh_axis_without_that_axis_names_it_and_says_how():
     tx.update(params, tx.init(params), params, activations=acts)
   with pytest.raises(ValueError, match="refresh_axis must be None or a mesh axis"):
     sngd_jax.scale_by_sngd(refresh_axis=0)
+
+
+def test_models_under_vmap_without_vmap_axis_name_fail_at_trace(setup):
+  tx, state, params, acts, grads = setup
+  two = lambda tree: jax.tree.map(lambda x: jnp.stack([x, x]), tree)  # noqa: E731
+
+  def update(grads, state, params, acts):
+    return tx.update(grads, state, params, activations=acts)
+
+  with pytest.raises(ValueError, match="batched by jax.vmap.*vmap_axis_name"):
+    jax.vmap(update)(two(grads), two(state), two(params), two(acts))
+  named = sngd_jax.sngd(0.1, vmap_axis_name="models")
+  jax.vmap(lambda *args: named.update(*args[:3], activations=args[3]),
+           axis_name="models")(two(grads), two(named.init(params)),
+                               two(params), two(acts))
+
+
+@pytest.mark.parametrize("axis_name", [None, "data"])
+def test_pmap_without_axis_name_fails_at_trace(setup, axis_name):
+  tx, state, params, acts, grads = setup
+  one = lambda tree: jax.tree.map(lambda x: x[None], tree)  # noqa: E731
+
+  def update(grads, state, params, acts):
+    return tx.update(grads, state, params, activations=acts)
+
+  with pytest.raises(ValueError, match="pmap.*without axis_name.*drift"):
+    jax.pmap(update, axis_name=axis_name)(one(grads), one(state), one(params),
+                                          one(acts))
+  told = sngd_jax.sngd(0.1, axis_name="data")
+  jax.pmap(lambda *args: told.update(*args[:3], activations=args[3]),
+           axis_name="data")(one(grads), one(told.init(params)), one(params),
+                             one(acts))
