@@ -52,11 +52,12 @@ class Block(nnx.Module):
 class GPT(nnx.Module):
   """A decoder; ``scanned``: its blocks one stack run by ``nnx.scan``."""
 
-  def __init__(self, blocks, scanned, dim=256, heads=4, rngs=None):
+  def __init__(self, blocks, scanned, dim=256, heads=4, rngs=None,
+               vocab=VOCAB, context=CONTEXT):
     rngs = rngs or nnx.Rngs(0)
     self.scanned = scanned
-    self.embed = nnx.Embed(VOCAB, dim, rngs=rngs)
-    self.position = nnx.Embed(CONTEXT, dim, rngs=rngs)
+    self.embed = nnx.Embed(vocab, dim, rngs=rngs)
+    self.position = nnx.Embed(context, dim, rngs=rngs)
     if scanned:
       @nnx.split_rngs(splits=blocks)
       @nnx.vmap(in_axes=(0,), out_axes=0)

@@ -142,3 +142,29 @@ def test_a_loop_of_steps_trains_as_the_scan_does():
                                [h["train_loss"] for h in other["history"]],
                                rtol=1e-4)
     assert one["history"][-1]["train_loss"] < one["history"][0]["train_loss"]
+
+
+def test_gpu_script_dry_run_prints_its_table():
+  # benchmarks/gpu.py at tiny sizes, a few steps, on CPU: the script that
+  # waits for a GPU runs end to end.
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  script = Path(__file__).parents[1] / "benchmarks" / "gpu.py"
+  result = subprocess.run([sys.executable, str(script), "--dry-run"],
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [line.split("|")[1].strip() for line in result.stdout.splitlines()
+          if line.startswith("| ") and not line.startswith("| optimizer")]
+  assert rows == ["sngd", "adamw", "muon"], result.stdout
+
+
+def test_python_sources_are_windows_of_the_standard_library():
+  dataset = data.python_sources(context=32, characters=200_000)
+  assert dataset.x_train.shape[1] == 32
+  np.testing.assert_array_equal(dataset.x_train[:, 1:], dataset.y_train[:, :-1])
+  assert dataset.name.endswith("-sources")
+  text = "".join(data.CHARACTERS[c] for c in dataset.x_train[:300].ravel())
+  assert "def " in text and "return" in text, text[:500]

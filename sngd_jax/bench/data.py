@@ -153,13 +153,47 @@ def python_docs(context: int = 64, val_fraction: float = 0.05,
   is never trained on. The corpus depends on the Python version: the
   dataset's name carries it.
   """
-  import sys
   from pydoc_data.topics import topics
 
   text = "".join(topics[key] for key in sorted(topics))
+  return _characters(text, context, val_fraction, test_fraction, "docs")
+
+
+def python_sources(context: int = 256, characters: int = 8_000_000,
+                   val_fraction: float = 0.02,
+                   test_fraction: float = 0.02) -> Dataset:
+  """Python's own standard library sources as a character-level corpus.
+
+  The first ``characters`` characters of the ``.py`` files under
+  ``sysconfig``'s ``stdlib`` directory, in sorted path order (test suites
+  and ``site-packages`` left out), split and windowed as
+  :func:`python_docs`'s.
+  """
+  import sysconfig
+
+  root = Path(sysconfig.get_paths()["stdlib"])
+  parts, total = [], 0
+  for path in sorted(root.rglob("*.py")):
+    relative = path.relative_to(root).parts
+    if {"test", "tests", "site-packages", "idle_test"} & set(relative):
+      continue
+    parts.append(path.read_text(encoding="utf-8", errors="replace"))
+    total += len(parts[-1])
+    if total >= characters:
+      break
+  return _characters("".join(parts)[:characters], context, val_fraction,
+                     test_fraction, "sources")
+
+
+def _characters(text: str, context: int, val_fraction: float,
+                test_fraction: float, kind: str) -> Dataset:
+  """Windows of ``text`` as :data:`CHARACTERS` codes, split by position."""
+  import sys
+
   table = np.full(128, CHARACTERS.index("?"), np.int32)
   table[[ord(c) for c in CHARACTERS]] = np.arange(len(CHARACTERS))
-  codes = table[np.minimum([ord(c) for c in text], 127)]
+  codes = table[np.minimum(np.frombuffer(text.encode("utf-32-le"),
+                                         np.uint32), 127)]
 
   def windows(part):
     count = (len(part) - 1) // context
@@ -175,4 +209,4 @@ def python_docs(context: int = 64, val_fraction: float = 0.05,
   x_val, y_val = windows(codes[val_start:test_start])
   x_test, y_test = windows(codes[test_start:])
   return Dataset(x_train[order], y_train[order], x_val, y_val, x_test, y_test,
-                 f"python{sys.version_info.major}.{sys.version_info.minor}-docs")
+                 f"python{sys.version_info.major}.{sys.version_info.minor}-{kind}")
