@@ -1075,23 +1075,17 @@ def scale_by_sngd(
     return _inline_or_compiled(update, compiled_update, updates, state, params,
                                activations)
 
-  # The statistics, the inverses and the step all multiply in float32 (the
-  # default on GPUs and TPUs keeps ~3 digits): a preconditioner's largest
-  # entries are its smallest eigenvalues' directions, so a step rounded there
-  # is wrong by up to the block's condition number times the rounding.
-  @linalg.full_precision
-  def update(updates, state, params, activations):
-    if params is None:
-      raise ValueError("scale_by_sngd needs params: call "
-                       "tx.update(grads, state, params, activations=...)")
-    if jax.tree.structure(params) != jax.tree.structure(updates):
-      raise ValueError("params and updates have different tree structures")
-    if activations is None:
-      raise ValueError("scale_by_sngd needs activations=...: the inputs and "
-                       "outputs of each layer in this forward pass "
-                       "(sngd_jax.nnx_capture / linen_capture build them). "
-                       + _missing_activations_hint())
-    _check_mapped_axes(state.count, axis_name, vmap_axis_name, refresh_axis)
+  def for_every_model(decision):
+    # Under vmap the models' decisions agree (their counters do); one
+    # unbatched decision keeps lax.cond a conditional.
+    if vmap_axis_name is None:
+      return decision
+    return jax.lax.pmax(decision.astype(jnp.int32), vmap_axis_name) > 0
+
+  def layers_and_entries(updates, activations):
+    """The layers and, for those with activations, their entries: checked,
+    a stack's without its marker, split by an explicit mesh along their
+    examples (and layers) only."""
     layers, passthrough = plan(updates)
     by_path = {layer.path: layer for layer in layers}
     # Entries of layers without trainable parameters here (frozen by the
@@ -1115,93 +1109,63 @@ def scale_by_sngd(
                     stacklevel=_user_stacklevel())
     for path, entry in entries.items():
       _check_entry(by_path[path], entry)
-    # A stack's entry without its marker: vmapped over its layers; split by
-    # an explicit mesh along its examples (and layers) only.
-    entries = {path: _stack_rows(by_path[path], entry)
-               for path, entry in entries.items()}
     entries = {path: jax.tree.map(lambda x, lead=1 + bool(
-        by_path[path].stack): fisher.split_only_leading(x, lead), entry)
+        by_path[path].stack): fisher.split_only_leading(x, lead),
+                                  _stack_rows(by_path[path], entry))
                for path, entry in entries.items()}
+    return layers, entries
 
-    leaves, treedef = jax.tree.flatten(updates)
-    # A tensor-parallel model's gradients are gathered for the blocks (which
-    # are replicated) and split again as they came at the end.
-    specs = [fisher.explicit_spec(x) for x in leaves]
-    leaves = [fisher.split_only_leading(x, 0) for x in leaves]
-    stacks = [stack for stack in plan_stacks(layers, _dtype_of(leaves))
-              if any(layer.path in entries for layer in stack.layers)]
+  def statistics(state, stacks, entries):
+    """``(stats, faults)``: each stack's EMA of its local Fisher statistic.
 
-    count = state.count
+    A stack's layers whose activations have the same shapes (a block's
+    q/k/v, the same layer of every block) take theirs as one batch.
+    """
+    out, faults = {}, jnp.zeros([], jnp.int32)
+    # The positions drawn depend on the step and the batch of layers only:
+    # every device and every model draws the same ones.
+    step_key = jax.random.fold_in(jax.random.key(0), state.count)
+    number = 0
+    for stack in stacks:
+      parts = stack.split(state.stats[stack.key])
+      for mode, members in _statistics_batches(stack, entries, sharing):
+        key, number = jax.random.fold_in(step_key, number), number + 1
 
-    def for_every_model(decision):
-      # Under vmap the models' decisions agree (their counters do); one
-      # unbatched decision keeps lax.cond a conditional.
-      if vmap_axis_name is None:
-        return decision
-      return jax.lax.pmax(decision.astype(jnp.int32), vmap_axis_name) > 0
+        def statistic(entry, old, layer=members[0], mode=mode, key=key):
+          limit = (AUTO_STATS_POSITIONS[mode] if auto_positions
+                   else stats_positions)
+          sampled = entry if limit is None else fisher.sampled_positions(
+              entry, limit, key)
+          return _statistic_ema(layer, sampled, entry, old, ema_decay,
+                                mode == "reduce", axis_name)
 
-    # One cond for every layer's statistics: on the steps in between, the
-    # program skips them all at once. A stack's layers whose activations have
-    # the same shapes (a block's q/k/v, the same layer of every block) take
-    # theirs as one batch.
-    def all_statistics():
-      out, faults = {}, jnp.zeros([], jnp.int32)
-      # The positions drawn depend on the step and the batch of layers only:
-      # every device and every model draws the same ones.
-      step_key = jax.random.fold_in(jax.random.key(0), count)
-      number = 0
-      for stack in stacks:
-        parts = stack.split(state.stats[stack.key])
-        for mode, members in _statistics_batches(stack, entries, sharing):
-          key, number = jax.random.fold_in(step_key, number), number + 1
+        rows = _Rows(members)
+        indices = [stack.layers.index(layer) for layer in members]
+        with jax.named_scope(f"sngd/{members[0].path}/statistics"):
+          fresh, fault = rows.each(statistic)(
+              rows.join([entries[layer.path] for layer in members]),
+              rows.join([parts[i] for i in indices]))
+        for i, part in zip(indices, rows.split(fresh)):
+          parts[i] = part
+        faults += jnp.sum(fault).astype(jnp.int32)
+      out[stack.key] = stack.join(parts)
+    return out, faults
 
-          def statistic(entry, old, layer=members[0], mode=mode, key=key):
-            limit = (AUTO_STATS_POSITIONS[mode] if auto_positions
-                     else stats_positions)
-            sampled = entry if limit is None else fisher.sampled_positions(
-                entry, limit, key)
-            return _statistic_ema(layer, sampled, entry, old, ema_decay,
-                                  mode == "reduce", axis_name)
+  def refreshed_blocks(state, stacks, stats, weight, refresh):
+    """``(preconditioners, faults)``, refreshed where ``refresh``.
 
-          rows = _Rows(members)
-          indices = [stack.layers.index(layer) for layer in members]
-          with jax.named_scope(f"sngd/{members[0].path}/statistics"):
-            fresh, fault = rows.each(statistic)(
-                rows.join([entries[layer.path] for layer in members]),
-                rows.join([parts[i] for i in indices]))
-          for i, part in zip(indices, rows.split(fresh)):
-            parts[i] = part
-          faults += jnp.sum(fault).astype(jnp.int32)
-        out[stack.key] = stack.join(parts)
-      return out, faults
-
-    # A young EMA (weight below 0.9, its first ~2/(1 - ema_decay) updates)
-    # takes a statistic every step and is refreshed every stats_every steps:
-    # the warm-up lasts that many steps, not that many intervals.
-    young = state.stats_weight < 0.9
-    take_stats = for_every_model((count % stats_every == 0) | young)
-    fresh_stats, stat_faults = jax.lax.cond(
-        take_stats, all_statistics,
-        lambda: ({stack.key: state.stats[stack.key] for stack in stacks},
-                 jnp.zeros([], jnp.int32)))
-    stats = {**state.stats, **fresh_stats}
-    # The EMA's weight 1 - ema_decay^k. Until it nears 1 the Fisher is shrunk
-    # toward its mean eigenvalue times I (as an EMA started at that multiple
-    # of I would be): a few batches cannot estimate a block wider than they
-    # are, and the shrinkage keeps the trace, so it holds for any input scale.
-    weight = jnp.where(take_stats & (stat_faults == 0),
-                       ema_decay * state.stats_weight + (1 - ema_decay),
-                       state.stats_weight).astype(state.stats_weight.dtype)
+    A cond per block kind and size (one cond around all of them, each with
+    its retry inside, deadlocks XLA:CPU's concurrent scheduler in jax
+    0.10.2): the alike blocks of all its stacks (a transformer's q/k/v/out
+    and MLP inputs of one width) are refreshed as one batch, which
+    refresh_axis divides among its devices.
+    """
+    # Until the EMA's weight nears 1 the Fisher is shrunk toward its mean
+    # eigenvalue times I (as an EMA started at that multiple of I would be):
+    # a few batches cannot estimate a block wider than they are, and the
+    # shrinkage keeps the trace, so it holds for any input scale.
     warm_damping = (relative_damping + 1 - weight) / jnp.maximum(weight, 1e-30)
-    refresh = for_every_model(((count % inverse_every == 0)
-                               | (young & (count % stats_every == 0)))
-                              & (weight > 0))
-    # A cond per block kind and size (one cond around all of them, each with
-    # its retry cond inside, deadlocks XLA:CPU's concurrent scheduler in jax
-    # 0.10.2): the alike blocks of all its stacks (a transformer's q/k/v/out
-    # and MLP inputs of one width) are refreshed as one batch, which
-    # refresh_axis divides among its devices.
-    preconditioners, inverse_faults = dict(state.preconditioners), jnp.zeros(
+    preconditioners, faults = dict(state.preconditioners), jnp.zeros(
         [], jnp.int32)
     for group in _refresh_groups(stacks, stats):
       def refreshed(group=group):
@@ -1224,12 +1188,153 @@ def scale_by_sngd(
         return parts, faults
 
       with jax.named_scope(f"sngd/{group[0].name}/refresh"):
-        fresh, faults = jax.lax.cond(refresh, refreshed, lambda group=group: (
-            [state.preconditioners[stack.key] for stack in group],
-            jnp.zeros([], jnp.int32)))
+        fresh, group_faults = jax.lax.cond(
+            refresh, refreshed, lambda group=group: (
+                [state.preconditioners[stack.key] for stack in group],
+                jnp.zeros([], jnp.int32)))
       preconditioners.update(
           (stack.key, part) for stack, part in zip(group, fresh))
+      faults += group_faults
+    return preconditioners, faults
+
+  def output_factors(state, factored, gradients, directions, take_stats,
+                     stat_faults, weight, refresh):
+    """``(output_stats, output_factors, stat_faults, inverse_faults)``.
+
+    The output side of each block: the EMA of v^T g, taken at the
+    statistics steps. With v = A^-1 g, its mean is the output factor S of a
+    Kronecker Fisher A (x) S times trace(A^-1 A) / batch (plus the mean
+    gradient's own term); the normalization drops the constant (README:
+    Output factor). Its roots are refreshed with the inverses.
+    """
+    def output_statistics():
+      out, faults = {}, jnp.zeros([], jnp.int32)
+      for stack in factored:
+        old = state.output_stats[stack.key]
+        # Symmetrized at the refresh: here a transpose of a 512-output
+        # layer's product cost more than the product.
+        product = (jnp.matrix_transpose(directions[stack.key])
+                   @ gradients[stack.key]).astype(old.dtype)
+        if axis_name is not None:
+          product = jax.lax.pmean(product, axis_name)
+        ok = _all_finite(product)
+        # Taken where the input statistics were (the EMA weight counts both).
+        out[stack.key] = jnp.where(
+            ok & (stat_faults == 0),
+            ema_decay * old + (1 - ema_decay) * product, old)
+        faults += (~ok).astype(jnp.int32)
+      return out, faults
+
+    with jax.named_scope("sngd/output_statistics"):
+      fresh, stat_faults = jax.lax.cond(
+          take_stats, output_statistics, lambda: (
+              {stack.key: state.output_stats[stack.key]
+               for stack in factored}, jnp.zeros([], jnp.int32)))
+    stats = {**state.output_stats, **fresh}
+    factors, inverse_faults = dict(state.output_factors), jnp.zeros(
+        [], jnp.int32)
+    for stack in factored:
+      def refreshed(stack=stack):
+        old = state.output_factors[stack.key]
+        rate = weight.astype(old[0].dtype)
+        fresh = stack.batch(stack.each(
+            lambda mean, rate: linalg.output_roots(
+                (mean + mean.T) / 2, rate, OUTPUT_POWER, OUTPUT_RANGE),
+            rate, factors=True)(stats[stack.key] / rate))
+        ok = _finite_blocks(fresh)
+        return (stack.unbatch(_where_blocks(ok, fresh, stack.batch(old))),
+                jnp.sum(~ok).astype(jnp.int32))
+
+      with jax.named_scope(f"sngd/{stack.name}/output_factor"):
+        factors[stack.key], faults = jax.lax.cond(
+            refresh, refreshed, lambda stack=stack: (
+                state.output_factors[stack.key], jnp.zeros([], jnp.int32)))
       inverse_faults += faults
+    return stats, factors, stat_faults, inverse_faults
+
+  def momentum_metric(state, stacks, preconditioners, factors,
+                      momentum_leaves, entries, row_weights):
+    """``|m|_G^2``: the buffer's length in the metric of the new blocks."""
+    def stack_metric(stack):
+      precond = preconditioners[stack.key]
+      m = stack.join([_gradient_matrix(layer, precond, momentum_leaves)
+                      for layer in stack.layers])
+      if stack.key in factors:  # |m|^2 in A (x) R^p: |m R^{p/2}|^2 in A
+        m = m @ factors[stack.key][1]
+      return jnp.sum(row_weights(stack) * stack.each(
+          stack.block.metric, factors=True)(
+              precond, m, stack.entry(entries)).astype(jnp.float32))
+
+    norm = sum((stack_metric(stack) for stack in stacks),
+               jnp.zeros([], jnp.float32))
+    return jnp.where(jnp.isfinite(norm), norm, state.momentum_norm)
+
+  def clip_scale(count, applied):
+    """``(scale, clipped)``: the KL clip's factor for a step whose
+    ``|.|_G^2`` is ``applied``."""
+    if kl_clip is None:
+      return 1.0, jnp.zeros([], jnp.int32)
+    rate = learning_rate(count) if callable(learning_rate) else learning_rate
+    scale = _kl_clip_scale(applied, rate, kl_clip)
+    clipped = (scale < 1).astype(jnp.int32)
+    # A cond's result is computed once: XLA copied the sum over every layer
+    # that the scale reads into each leaf's fused product (a 6-block GPT's
+    # update: 21k of its 62k HLO lines).
+    return jax.lax.cond(clipped > 0, lambda: scale,
+                        lambda: jnp.ones_like(scale)), clipped
+
+  # The statistics, the inverses and the step all multiply in float32 (the
+  # default on GPUs and TPUs keeps ~3 digits): a preconditioner's largest
+  # entries are its smallest eigenvalues' directions, so a step rounded there
+  # is wrong by up to the block's condition number times the rounding.
+  @linalg.full_precision
+  def update(updates, state, params, activations):
+    if params is None:
+      raise ValueError("scale_by_sngd needs params: call "
+                       "tx.update(grads, state, params, activations=...)")
+    if jax.tree.structure(params) != jax.tree.structure(updates):
+      raise ValueError("params and updates have different tree structures")
+    if activations is None:
+      raise ValueError("scale_by_sngd needs activations=...: the inputs and "
+                       "outputs of each layer in this forward pass "
+                       "(sngd_jax.nnx_capture / linen_capture build them). "
+                       + _missing_activations_hint())
+    _check_mapped_axes(state.count, axis_name, vmap_axis_name, refresh_axis)
+    layers, entries = layers_and_entries(updates, activations)
+    leaves, treedef = jax.tree.flatten(updates)
+    # A tensor-parallel model's gradients are gathered for the blocks (which
+    # are replicated) and split again as they came at the end.
+    specs = [fisher.explicit_spec(x) for x in leaves]
+    leaves = [fisher.split_only_leading(x, 0) for x in leaves]
+    stacks = [stack for stack in plan_stacks(layers, _dtype_of(leaves))
+              if any(layer.path in entries for layer in stack.layers)]
+    count = state.count
+
+    # Statistics (one cond for every stack: on the steps in between the
+    # program skips them all at once). A young EMA (weight below 0.9, its
+    # first ~2/(1 - ema_decay) updates) takes a statistic every step and is
+    # refreshed every stats_every steps: the warm-up lasts that many steps,
+    # not that many intervals.
+    young = state.stats_weight < 0.9
+    take_stats = for_every_model((count % stats_every == 0) | young)
+    fresh_stats, stat_faults = jax.lax.cond(
+        take_stats, lambda: statistics(state, stacks, entries),
+        lambda: ({stack.key: state.stats[stack.key] for stack in stacks},
+                 jnp.zeros([], jnp.int32)))
+    stats = {**state.stats, **fresh_stats}
+    # The EMA's weight 1 - ema_decay^k.
+    weight = jnp.where(take_stats & (stat_faults == 0),
+                       ema_decay * state.stats_weight + (1 - ema_decay),
+                       state.stats_weight).astype(state.stats_weight.dtype)
+
+    # Refresh.
+    refresh = for_every_model(((count % inverse_every == 0)
+                               | (young & (count % stats_every == 0)))
+                              & (weight > 0))
+    preconditioners, inverse_faults = refreshed_blocks(
+        state, stacks, stats, weight, refresh)
+
+    # Precondition: v = P g per stack.
     gradients, directions = {}, {}
     for stack in stacks:
       with jax.named_scope(f"sngd/{stack.name}/apply"):
@@ -1238,58 +1343,17 @@ def scale_by_sngd(
             _gradient_matrix(layer, precond, leaves) for layer in stack.layers])
         directions[stack.key] = stack.each(stack.block.apply)(
             precond, gradients[stack.key], stack.entry(entries))
+
+    # Output factors.
+    output_stats, factors = state.output_stats, state.output_factors
     factored = [stack for stack in stacks if with_output_factor(stack.layers[0])]
-    output_stats, output_factors = dict(state.output_stats), dict(
-        state.output_factors)
     if factored:
-      # The output side of each block: the EMA of v^T g, taken at the
-      # statistics steps. With v = A^-1 g, its mean is the output factor S of
-      # a Kronecker Fisher A (x) S times trace(A^-1 A) / batch (plus the mean
-      # gradient's own term); the normalization drops the constant (README:
-      # Output factor).
-      def output_statistics():
-        out, faults = {}, jnp.zeros([], jnp.int32)
-        for stack in factored:
-          old = state.output_stats[stack.key]
-          # Symmetrized at the refresh: here a transpose of a 512-output
-          # layer's product cost more than the product.
-          product = (jnp.matrix_transpose(directions[stack.key])
-                     @ gradients[stack.key]).astype(old.dtype)
-          if axis_name is not None:
-            product = jax.lax.pmean(product, axis_name)
-          ok = _all_finite(product)
-          # Taken where the input statistics were (the EMA weight counts both).
-          out[stack.key] = jnp.where(
-              ok & (stat_faults == 0),
-              ema_decay * old + (1 - ema_decay) * product, old)
-          faults += (~ok).astype(jnp.int32)
-        return out, faults
+      output_stats, factors, faults, output_faults = output_factors(
+          state, factored, gradients, directions, take_stats, stat_faults,
+          weight, refresh)
+      stat_faults += faults
+      inverse_faults += output_faults
 
-      with jax.named_scope("sngd/output_statistics"):
-        fresh_output, output_faults = jax.lax.cond(
-            take_stats, output_statistics, lambda: (
-                {stack.key: state.output_stats[stack.key]
-                 for stack in factored}, jnp.zeros([], jnp.int32)))
-      output_stats.update(fresh_output)
-      stat_faults += output_faults
-      for stack in factored:
-        def refreshed_output(stack=stack):
-          old = state.output_factors[stack.key]
-          rate = weight.astype(old[0].dtype)
-          fresh = stack.batch(stack.each(
-              lambda mean, rate: linalg.output_roots(
-                  (mean + mean.T) / 2, rate, OUTPUT_POWER, OUTPUT_RANGE),
-              rate, factors=True)(output_stats[stack.key] / rate))
-          ok = _finite_blocks(fresh)
-          return (stack.unbatch(_where_blocks(ok, fresh, stack.batch(old))),
-                  jnp.sum(~ok).astype(jnp.int32))
-
-        with jax.named_scope(f"sngd/{stack.name}/output_factor"):
-          output_factors[stack.key], faults = jax.lax.cond(
-              refresh, refreshed_output,
-              lambda stack=stack: (state.output_factors[stack.key],
-                                   jnp.zeros([], jnp.int32)))
-        inverse_faults += faults
     # Each layer's share of the clip's |.|_G^2, times its uses per example
     # where "auto" chose expand: the per-example Fisher sums over them; a
     # stack's rows of layers without activations count nothing.
@@ -1301,35 +1365,12 @@ def scale_by_sngd(
       return stack.rows_of({path: weights.get(path, 0) for path in
                             (layer.path for layer in stack.layers)})
 
-    momentum_norm = state.momentum_norm
-    if momentum is not None:
-      momentum_leaves = [fisher.split_only_leading(x, 0) for x in
-                         treedef.flatten_up_to(state.momentum)]
-
-      def remeasured():  # |m|_G^2 in the metric of the new blocks
-        def stack_metric(stack):
-          precond = preconditioners[stack.key]
-          m = stack.join([_gradient_matrix(layer, precond, momentum_leaves)
-                          for layer in stack.layers])
-          if stack.key in output_factors:  # |m|^2 in A (x) R^p: |m R^{p/2}|^2 in A
-            m = m @ output_factors[stack.key][1]
-          return jnp.sum(row_weights(stack) * stack.each(
-              stack.block.metric, factors=True)(
-                  precond, m, stack.entry(entries)).astype(jnp.float32))
-
-        norm = sum((stack_metric(stack) for stack in stacks),
-                   jnp.zeros([], jnp.float32))
-        return jnp.where(jnp.isfinite(norm), norm, state.momentum_norm)
-
-      with jax.named_scope("sngd/momentum_norm"):
-        momentum_norm = jax.lax.cond(refresh, remeasured,
-                                     lambda: state.momentum_norm)
+    # The step's length in the blocks' metric: v.g = |v|_G^2 per stack.
     quadratics = []
     for stack in stacks:
       g = gradients[stack.key]
-      if stack.key in output_factors:
-        directions[stack.key] = directions[stack.key] @ output_factors[
-            stack.key][0]
+      if stack.key in factors:
+        directions[stack.key] = directions[stack.key] @ factors[stack.key][0]
         quadratic = jnp.sum(directions[stack.key] * g, axis=(-2, -1))
       else:
         quadratic = stack.each(stack.block.quadratic)(
@@ -1337,34 +1378,35 @@ def scale_by_sngd(
       quadratics.append(jnp.ravel(row_weights(stack) * quadratic.astype(
           jnp.float32)))
     vg = jnp.sum(jnp.concatenate(quadratics or [jnp.zeros([0], jnp.float32)]))
-    norm = vg
     present = [layer for stack in stacks for layer in stack.layers
                if layer.path in entries]
-    if momentum is not None:  # |beta m + v|_G^2, with G v = g
+
+    # Momentum and the clip. The step applied: the buffer m' = beta m + v, or
+    # with Nesterov beta m' + v, whose |.|_G^2 = beta^2 |m'|^2 + 2 beta m'.g
+    # + v.g (m'.g = beta m.g + v.g). The clip bounds it and the buffer kept
+    # alike.
+    norm = applied = vg
+    momentum_norm = state.momentum_norm
+    if momentum is not None:
+      momentum_leaves = [fisher.split_only_leading(x, 0) for x in
+                         treedef.flatten_up_to(state.momentum)]
+      with jax.named_scope("sngd/momentum_norm"):
+        momentum_norm = jax.lax.cond(refresh, lambda: momentum_metric(
+            state, stacks, preconditioners, factors, momentum_leaves, entries,
+            row_weights), lambda: state.momentum_norm)
+      # |beta m + v|_G^2 = beta^2 |m|^2 + 2 beta m.g + v.g, with G v = g
+      # (``leaves`` are still the gradients).
       cross = jnp.sum(jnp.stack([
           weights[layer.path] * jnp.vdot(momentum_leaves[index],
                                          leaves[index]).astype(jnp.float32)
           for layer in present for index, _, _ in layer.leaves]
                                 + [jnp.zeros([], jnp.float32)]))
-      norm = jnp.maximum(momentum ** 2 * momentum_norm
-                         + 2 * momentum * cross + vg, 0.0)
-    # The step applied: the buffer m' = beta m + v, or with Nesterov
-    # beta m' + v, whose |.|_G^2 = beta^2 |m'|^2 + 2 beta m'.g + v.g (m'.g =
-    # beta m.g + v.g). The clip bounds it and the buffer kept alike.
-    applied = norm
-    if momentum is not None and nesterov:
-      applied = jnp.maximum(norm, momentum ** 2 * norm + 2 * momentum * (
-          momentum * cross + vg) + vg)
-    scale, clipped = 1.0, jnp.zeros([], jnp.int32)
-    if kl_clip is not None:
-      rate = learning_rate(count) if callable(learning_rate) else learning_rate
-      scale = _kl_clip_scale(applied, rate, kl_clip)
-      clipped = (scale < 1).astype(jnp.int32)
-      # A cond's result is computed once: XLA copied the sum over every layer
-      # that the scale reads into each leaf's fused product (a 6-block GPT's
-      # update: 21k of its 62k HLO lines).
-      scale = jax.lax.cond(clipped > 0, lambda: scale, lambda: jnp.ones_like(
-          scale))
+      norm = applied = jnp.maximum(momentum ** 2 * momentum_norm
+                                   + 2 * momentum * cross + vg, 0.0)
+      if nesterov:
+        applied = jnp.maximum(norm, momentum ** 2 * norm + 2 * momentum * (
+            momentum * cross + vg) + vg)
+    scale, clipped = clip_scale(count, applied)
     for stack in stacks:
       for layer, part in zip(stack.layers, stack.split(directions[stack.key])):
         if layer.path in entries:
@@ -1393,11 +1435,11 @@ def scale_by_sngd(
       leaves = clip(leaves)
     leaves = split_as_they_came(leaves)
     new_state = ScaleBySNGDState(
-        optax.safe_increment(state.count), weight, stats, preconditioners,
+        optax.safe_increment(count), weight, stats, preconditioners,
         state.stats_faults + stat_faults,
         state.inverse_faults + inverse_faults, state.clipped + clipped,
         new_buffer, norm if momentum is not None else state.momentum_norm,
-        output_stats, output_factors)
+        output_stats, factors)
     return jax.tree.unflatten(treedef, leaves), new_state
 
   compiled_init, compiled_update = jax.jit(init), jax.jit(update)
