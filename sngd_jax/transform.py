@@ -1116,7 +1116,8 @@ def scale_by_sngd(
     return layers, entries
 
   def statistics(state, stacks, entries):
-    """``(stats, faults)``: each stack's EMA of its local Fisher statistic.
+    """``(stats, faults)``: each stack's EMA of its local Fisher statistic,
+    all kept as they were where any is not finite.
 
     A stack's layers whose activations have the same shapes (a block's
     q/k/v, the same layer of every block) take theirs as one batch.
@@ -1149,7 +1150,13 @@ def scale_by_sngd(
           parts[i] = part
         faults += jnp.sum(fault).astype(jnp.int32)
       out[stack.key] = stack.join(parts)
-    return out, faults
+    # One layer's fault skips the step's statistics for every layer: the
+    # EMA's weight, shared by all, stays where it was, so a layer that went
+    # on without it would be corrected as if one step younger (its block
+    # ~2x too large on the next step).
+    return jax.tree.map(lambda new, old: jnp.where(faults == 0, new, old), out,
+                        {stack.key: state.stats[stack.key] for stack in stacks}
+                        ), faults
 
   def refreshed_blocks(state, stacks, stats, weight, refresh):
     """``(preconditioners, faults)``, refreshed where ``refresh``.

@@ -46,8 +46,16 @@ def test_bad_activations_skip_the_statistic_and_keep_the_preconditioner(value):
   assert int(new.stats_faults) == 1 and int(new.inverse_faults) == 0
   np.testing.assert_array_equal(new.stats["layer0"], state.stats["layer0"])
   assert finite(new) and finite(updates)
-  # The untouched layer went on as usual.
-  assert not np.array_equal(new.stats["layer1"], state.stats["layer1"])
+  # The other layer skips the step too: the EMA's weight, shared, did not
+  # move, and a statistic taken without it would be over-corrected.
+  np.testing.assert_array_equal(new.stats["layer1"], state.stats["layer1"])
+  assert float(new.stats_weight) == float(state.stats_weight)
+  # The next good batch updates both, as one EMA step.
+  _, after = tx.update(grads, new, params, activations=acts)
+  _, reference = tx.update(grads, state, params, activations=acts)
+  for layer in ("layer0", "layer1"):
+    np.testing.assert_allclose(after.stats[layer], reference.stats[layer],
+                               rtol=1e-6)
 
 
 @pytest.mark.parametrize("name,make", [
