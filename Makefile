@@ -27,7 +27,7 @@ PEER_DEPS := flax mnist1d scikit-learn
 	.peers/psgd/bin/pip install --no-deps -e .
 	touch $@
 
-.PHONY: demo test lint bench-full peers mutants
+.PHONY: demo test lint docs bench-full peers mutants
 demo: $(STAMP)
 	$(VENV)/bin/python -m sngd_jax.bench
 
@@ -43,6 +43,11 @@ lint: $(STAMP)
 
 test: lint
 	$(VENV)/bin/python -m pytest -n 2 --maxschedchunk 1 --durations=15 tests
+
+# The API reference, from the docstrings (the public names of sngd_jax).
+docs: $(STAMP)
+	$(VENV)/bin/pdoc --docformat google --output-directory build/reference sngd_jax
+	@echo "open build/reference/index.html"
 
 # Every deliberate bug in tests/mutants.py must fail a test (~20 min).
 mutants: $(STAMP)
