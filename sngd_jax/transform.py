@@ -1211,7 +1211,7 @@ def scale_by_sngd(
     The output side of each block: the EMA of v^T g, taken at the
     statistics steps. With v = A^-1 g, its mean is the output factor S of a
     Kronecker Fisher A (x) S times trace(A^-1 A) / batch (plus the mean
-    gradient's own term); the normalization drops the constant (README:
+    gradient's own term); the normalization drops the constant (docs/guide.md:
     Output factor). Its roots are refreshed with the inverses.
     """
     def output_statistics():

@@ -129,7 +129,7 @@ def test_inject_hyperparams_keeps_stats_positions_static_or_says_how():
 
 
 def test_multisteps_applies_the_summed_gradient_with_the_last_micro_batchs_statistics():
-  """What the README promises under MultiSteps: the accumulated gradient, and
+  """What the guide promises under MultiSteps: the accumulated gradient, and
   the local Fisher of the micro-batch whose update applies it (the EMA
   averages over steps)."""
   params = mlp_params(jax.random.PRNGKey(0), [10, 8, 4])

@@ -1,4 +1,5 @@
-"""The README's Python examples run as written (each in a fresh interpreter)."""
+"""The README's and the guide's Python examples run as written (each in a
+fresh interpreter)."""
 
 import re
 import subprocess
@@ -7,12 +8,15 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).parent.parent / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+ROOT = Path(__file__).parent.parent
+PAGES = {"README.md": 4, "docs/guide.md": 3}  # each page's examples
+BLOCKS = [block for page in PAGES for block in re.findall(
+    r"```python\n(.*?)```", (ROOT / page).read_text(), re.S)]
 
 
-def test_readme_has_the_examples():
-  assert len(BLOCKS) == 7
+def test_the_pages_have_their_examples():
+  for page, count in PAGES.items():
+    assert (ROOT / page).read_text().count("```python\n") == count, page
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))

@@ -235,7 +235,7 @@ assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
 print("done")
 """
 
-# Eight models of 64 ReLU units under jax.vmap (the README's "Eight seeds at
+# Eight models of 64 ReLU units under jax.vmap (the guide's "Eight seeds at
 # once" with per-unit kinds): the vmap multiplied each batch of blocks by the
 # models, over the split again; it hung four runs in five.
 _PER_UNIT_VMAP = """

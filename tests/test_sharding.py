@@ -54,7 +54,7 @@ def test_tensor_parallel_explicit_meshes_match_single_device():
   # The Flax MiniGPT tutorial's annotations (kernels split over "model"
   # along their outputs or inputs) under (4, 2) and (2, 4) Explicit meshes.
   # XLA:CPU's concurrency-optimized scheduler deadlocks this program's
-  # collectives between simulated devices (jax 0.10.2; README: Scale).
+  # collectives between simulated devices (jax 0.10.2; docs/guide.md: Scale).
   report = run_check("tensor_parallel_check.py",
                      "--xla_cpu_enable_concurrency_optimized_scheduler=false")
   assert set(report) == {"4x2", "2x4"}, report
