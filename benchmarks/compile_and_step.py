@@ -91,6 +91,16 @@ OPTIMIZERS = {
 }
 
 
+def update_compile(tx, grads, params, acts, needs_activations):
+  """Seconds to compile ``tx.update`` alone on these shapes, and its
+  optimized HLO's lines."""
+  extra = {"activations": acts} if needs_activations else {}
+  start = time.perf_counter()
+  compiled = jax.jit(lambda g, s, p, e: tx.update(g, s, p, **e)).lower(
+      grads, tx.init(params), params, extra).compile()
+  return time.perf_counter() - start, compiled.as_text().count("\n")
+
+
 def measure(blocks, scanned, name, steps):
   """``{update_s, update_hlo, step_s, step_ms}`` of one optimizer on one GPT."""
   model = GPT(blocks, scanned)
@@ -109,13 +119,7 @@ def measure(blocks, scanned, name, steps):
   # tx.update alone, on the shapes it sees in the step.
   params = nnx.state(model, nnx.Param)
   (_, acts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-  state = tx.init(params)
-  extra = {"activations": acts} if needs else {}
-  start = time.perf_counter()
-  compiled = jax.jit(lambda g, s, p, e: tx.update(g, s, p, **e)).lower(
-      grads, state, params, extra).compile()
-  update_s = time.perf_counter() - start
-  update_hlo = compiled.as_text().count("\n")
+  update_s, update_hlo = update_compile(tx, grads, params, acts, needs)
 
   @nnx.jit
   def train_step(model, optimizer):
@@ -161,12 +165,7 @@ def measure_resnet(name, steps, batch=8, size=32):
   state = tx.init(params)
   (_, (acts, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       params, batch_stats)
-  extra = {"activations": acts} if needs else {}
-  start = time.perf_counter()
-  compiled = jax.jit(lambda g, s, p, e: tx.update(g, s, p, **e)).lower(
-      grads, state, params, extra).compile()
-  update_s = time.perf_counter() - start
-  update_hlo = compiled.as_text().count("\n")
+  update_s, update_hlo = update_compile(tx, grads, params, acts, needs)
 
   @jax.jit
   def train_step(params, batch_stats, state):
