@@ -1176,23 +1176,13 @@ def scale_by_sngd(
         [], jnp.int32)
     for group in _refresh_groups(stacks, stats):
       def refreshed(group=group):
-        def batch(blocks):
-          return jax.tree.map(lambda *xs: jnp.concatenate(xs), *[
-              stack.batch(blocks[stack.key]) for stack in group])
-
-        old = batch(state.preconditioners)
+        old = _group_rows(group, state.preconditioners)
         fresh, faults = _refreshed(
-            group[0].block, batch(stats), old,
+            group[0].block, _group_rows(group, stats), old,
             linalg.Damping(damping, warm_damping.astype(
                 jax.tree.leaves(old)[0].dtype), max_condition),
             solver, weight > 0, for_every_model, refresh_axis)
-        parts, offset = [], 0
-        for stack in group:
-          rows = max(stack.lead, default=1)
-          parts.append(stack.unbatch(jax.tree.map(
-              lambda x, o=offset, r=rows: x[o:o + r], fresh)))
-          offset += rows
-        return parts, faults
+        return _group_parts(group, fresh), faults
 
       with jax.named_scope(f"sngd/{group[0].name}/refresh"):
         fresh, group_faults = jax.lax.cond(
@@ -1240,22 +1230,24 @@ def scale_by_sngd(
     stats = {**state.output_stats, **fresh}
     factors, inverse_faults = dict(state.output_factors), jnp.zeros(
         [], jnp.int32)
-    for stack in factored:
-      def refreshed(stack=stack):
-        old = state.output_factors[stack.key]
+    # One cond per output size across the stacks, its roots divided among
+    # refresh_axis's devices by factor.
+    for group in _groups(factored, stats, lambda stack: stack.layers[0].d_out):
+      def refreshed(group=group):
+        old = _group_rows(group, state.output_factors)
         rate = weight.astype(old[0].dtype)
-        fresh = stack.batch(stack.each(
-            lambda mean, rate: linalg.output_roots(
-                (mean + mean.T) / 2, rate, OUTPUT_POWER, OUTPUT_RANGE),
-            rate, factors=True)(stats[stack.key] / rate))
+        fresh = output_factor_roots(_group_rows(group, stats) / rate, rate,
+                              refresh_axis)
         ok = _finite_blocks(fresh)
-        return (stack.unbatch(_where_blocks(ok, fresh, stack.batch(old))),
+        return (_group_parts(group, _where_blocks(ok, fresh, old)),
                 jnp.sum(~ok).astype(jnp.int32))
 
-      with jax.named_scope(f"sngd/{stack.name}/output_factor"):
-        factors[stack.key], faults = jax.lax.cond(
-            refresh, refreshed, lambda stack=stack: (
-                state.output_factors[stack.key], jnp.zeros([], jnp.int32)))
+      with jax.named_scope(f"sngd/{group[0].name}/output_factor"):
+        fresh, faults = jax.lax.cond(
+            refresh, refreshed, lambda group=group: (
+                [state.output_factors[stack.key] for stack in group],
+                jnp.zeros([], jnp.int32)))
+      factors.update((stack.key, part) for stack, part in zip(group, fresh))
       inverse_faults += faults
     return stats, factors, stat_faults, inverse_faults
 
@@ -1478,14 +1470,56 @@ def _statistic_ema(layer, sampled, entry, old, ema_decay, reduce,
     return _where_blocks(ok, ema, old), ~ok
 
 
-def _refresh_groups(stacks: list[Stack], stats) -> list[list[Stack]]:
-  """The stacks refreshed together: those with the same block (kind and
-  size) and statistics dtype, whatever their outputs."""
+def _groups(stacks: list[Stack], blocks, key) -> list[list[Stack]]:
+  """The stacks refreshed together: those whose ``key(stack)`` and blocks'
+  dtype agree."""
   groups: dict[tuple, list[Stack]] = {}
   for stack in stacks:
-    dtype = jax.tree.leaves(stats[stack.key])[0].dtype
-    groups.setdefault((stack.block, dtype), []).append(stack)
+    dtype = jax.tree.leaves(blocks[stack.key])[0].dtype
+    groups.setdefault((key(stack), dtype), []).append(stack)
   return list(groups.values())
+
+
+def _refresh_groups(stacks: list[Stack], stats) -> list[list[Stack]]:
+  """Stacks with the same block (kind and size), whatever their outputs."""
+  return _groups(stacks, stats, lambda stack: stack.block)
+
+
+def _group_rows(group: list[Stack], blocks):
+  """A group's blocks as one batch: every stack's rows, in turn."""
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs), *[
+      stack.batch(blocks[stack.key]) for stack in group])
+
+
+def _group_parts(group: list[Stack], batch) -> list:
+  """``_group_rows``' inverse: each stack's part, in its own layout."""
+  parts, offset = [], 0
+  for stack in group:
+    rows = max(stack.lead, default=1)
+    parts.append(stack.unbatch(jax.tree.map(
+        lambda x, o=offset, r=rows: x[o:o + r], batch)))
+    offset += rows
+  return parts
+
+
+def output_factor_roots(means, rate, refresh_axis=None):
+  """``(R^-1/2, R^1/4)`` of each output statistic ``(k, d, d)`` (symmetrized;
+  ``output_roots``); with ``refresh_axis`` each device takes its share of
+  the ``k`` and one ``psum`` assembles them."""
+  def roots(means, rate):
+    return fisher.batched(lambda mean, rate: linalg.output_roots(
+        (mean + mean.T) / 2, rate, OUTPUT_POWER, OUTPUT_RANGE), (means,), rate)
+
+  if refresh_axis is None:
+    return roots(means, rate)
+
+  def divided(means, rate):
+    eye = jnp.eye(means.shape[-1], dtype=means.dtype)
+    mine, index, per = split.my_rows(means, refresh_axis, fill=eye)
+    return jax.tree.map(lambda x: split.assemble(
+        x, refresh_axis, index, per, means.shape[0], dim=0), roots(mine, rate))
+
+  return split.on_axis(refresh_axis, divided, means, rate)
 
 
 def refresh_group(block, stacked, damping: linalg.Damping, solver,

@@ -305,11 +305,21 @@ ae = {f"l{i}": {"kernel": jnp.zeros((a, b)), "bias": jnp.zeros(b)}
       for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
 ae_layers, _ = transform.plan_layers(ae, "linear", sngd_jax.Nystrom())
 ae_stats = {layer.path: layer.block.init(jnp.float32) for layer in ae_layers}
-one = jax.jit(lambda s: flops.refresh({}, ae_layers, s)).lower(ae_stats).compile()
-with jax.set_mesh(mesh):
-  eight = jax.jit(lambda s: flops.refresh({}, ae_layers, s, "data")).lower(
+
+
+def refresh_flops_ratio_of(options):
+  one = jax.jit(lambda s: flops.refresh(options, ae_layers, s)).lower(
       ae_stats).compile()
-refresh_flops_ratio = flops.program_flops(eight) / flops.program_flops(one)
+  with jax.set_mesh(mesh):
+    eight = jax.jit(lambda s: flops.refresh(options, ae_layers, s, "data")
+                    ).lower(ae_stats).compile()
+  return flops.program_flops(eight) / flops.program_flops(one)
+
+
+# The input blocks alone, and with the output factors' roots (divided by
+# factor: at most one root of each output size per device here).
+refresh_flops_ratio = refresh_flops_ratio_of({"output_factor": False})
+refresh_flops_ratio_all = refresh_flops_ratio_of({})
 
 
 stage("done")
@@ -324,6 +334,7 @@ print(json.dumps({
     "split_vmap": split_vmap,
     "split_faults": int(split_state[0].inverse_faults),
     "refresh_flops_ratio": refresh_flops_ratio,
+    "refresh_flops_ratio_all": refresh_flops_ratio_all,
     "kinds_gap": kinds_gap,
     "pmap_spread": pmap_spread,
     "kernel_sharding": list(kernel.sharding.spec),

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sngd_jax import linalg, transform
+from sngd_jax import fisher, linalg, transform
 
 _SHAPE = re.compile(r"[fc](?:16|32|64)\[([0-9,]*)\]")
 
@@ -100,4 +100,22 @@ def refresh(tx_options: dict, layers, stats, refresh_axis=None):
         damping, solver, refresh_axis)
     out.update((path, jax.tree.map(lambda x, i=i: x[i], fresh))
                for i, path in enumerate(paths))
+  # The output factors' roots, grouped by output size as the transform
+  # groups them (alone on one device, as above).
+  factored: dict[tuple, list] = {}
+  for layer in layers:
+    if option("output_factor") and isinstance(layer.block, (
+        fisher.Linear, fisher.NystromLinear)) and (
+            1 < layer.d_out <= transform.OUTPUT_MAX_DIM):
+      alike = (layer.d_out,) if refresh_axis else (layer.path,)
+      factored.setdefault(alike, []).append(layer)
+  for number, group in enumerate(factored.values()):
+    # Distinct statistics (XLA would compute equal ones once).
+    eye = jnp.eye(group[0].d_out, dtype=jnp.float32)
+    roots = transform.output_factor_roots(
+        jnp.stack([eye * (number + 1 + i / len(group))
+                   for i in range(len(group))]),
+        jnp.ones([], jnp.float32), refresh_axis)
+    out.update((f"{layer.path}/output", jax.tree.map(lambda x, i=i: x[i], roots))
+               for i, layer in enumerate(group))
   return out
