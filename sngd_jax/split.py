@@ -37,6 +37,18 @@ def bound_size(axis: str) -> int | None:
     return None
 
 
+def axis_of_mesh() -> str | None:
+  """The current mesh's axis where it has exactly one of more than one
+  device (a data-parallel mesh), else ``None`` (no mesh, one device, or a
+  mesh of several axes: which of them holds the batch is the user's to say)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  sized = [name for name, size in zip(mesh.axis_names, mesh.axis_sizes)
+           if size > 1]
+  return sized[0] if len(sized) == 1 else None
+
+
 def part(size: int, axis: str) -> tuple[jax.Array, int]:
   """``(index, per)``: this device's slice ``index*per : (index+1)*per`` of
   ``size`` items; ``per = ceil(size / devices)`` (the last slices may reach

@@ -808,7 +808,7 @@ def scale_by_sngd(
     axis_name: str | None = None,
     vmap_axis_name: str | None = None,
     stats_positions: int | str | None = "auto",
-    refresh_axis: str | None = None,
+    refresh_axis: str | None = "auto",
     output_factor: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with the damped inverse local Fisher of each layer.
@@ -945,10 +945,14 @@ def scale_by_sngd(
       needs ``static_args=("stats_positions",)`` there).
     refresh_axis: a device axis whose devices divide the refresh among them
       (each computes its columns of every exact inverse, its units of the
-      per-unit blocks, its rows of the Nystrom bases; one ``psum`` assembles
-      each block on every device): the axis of a ``jax.pmap``/``shard_map``
-      running the step, or an axis of the mesh set by ``jax.set_mesh`` under
-      ``jax.jit``. ``None``: every device computes every inverse.
+      per-unit blocks, its rows of the Nystrom bases, its share of the
+      output factors' roots; one ``psum`` assembles each block on every
+      device): the axis of a ``jax.pmap``/``shard_map`` running the step,
+      or an axis of the mesh set by ``jax.set_mesh`` under ``jax.jit``.
+      ``"auto"``: the mesh's axis where the mesh set by ``jax.set_mesh`` has
+      exactly one axis of more than one device, else none (one device, no
+      mesh, ``pmap``, a mesh of several axes). ``None``: every device
+      computes every inverse.
     output_factor: the output side of the ``linear`` blocks (dense, conv,
       attention projections, recurrent cells; up to 2048 outputs). The blocks
       above see a layer's inputs only; a Kronecker Fisher ``A (x) S`` also
@@ -996,8 +1000,8 @@ def scale_by_sngd(
     raise ValueError('stats_positions must be None, "auto" or an integer >= 1, '
                      f"got {stats_positions!r}")
   if refresh_axis is not None and not isinstance(refresh_axis, str):
-    raise ValueError("refresh_axis must be None or a mesh axis name, got "
-                     f"{refresh_axis!r}")
+    raise ValueError('refresh_axis must be "auto", None or a mesh axis '
+                     f"name, got {refresh_axis!r}")
   _validate_per_layer("weight_sharing", weight_sharing, WEIGHT_SHARING)
 
   def sharing(path, entry):
@@ -1158,14 +1162,14 @@ def scale_by_sngd(
                         {stack.key: state.stats[stack.key] for stack in stacks}
                         ), faults
 
-  def refreshed_blocks(state, stacks, stats, weight, refresh):
+  def refreshed_blocks(state, stacks, stats, weight, refresh, divide_over):
     """``(preconditioners, faults)``, refreshed where ``refresh``.
 
     A cond per block kind and size (one cond around all of them, each with
     its retry inside, deadlocks XLA:CPU's concurrent scheduler in jax
     0.10.2): the alike blocks of all its stacks (a transformer's q/k/v/out
     and MLP inputs of one width) are refreshed as one batch, which
-    refresh_axis divides among its devices.
+    ``divide_over`` (refresh_axis, resolved) divides among its devices.
     """
     # Until the EMA's weight nears 1 the Fisher is shrunk toward its mean
     # eigenvalue times I (as an EMA started at that multiple of I would be):
@@ -1181,7 +1185,7 @@ def scale_by_sngd(
             group[0].block, _group_rows(group, stats), old,
             linalg.Damping(damping, warm_damping.astype(
                 jax.tree.leaves(old)[0].dtype), max_condition),
-            solver, weight > 0, for_every_model, refresh_axis)
+            solver, weight > 0, for_every_model, divide_over)
         return _group_parts(group, fresh), faults
 
       with jax.named_scope(f"sngd/{group[0].name}/refresh"):
@@ -1195,7 +1199,7 @@ def scale_by_sngd(
     return preconditioners, faults
 
   def output_factors(state, factored, gradients, directions, take_stats,
-                     stat_faults, weight, refresh):
+                     stat_faults, weight, refresh, divide_over):
     """``(output_stats, output_factors, stat_faults, inverse_faults)``.
 
     The output side of each block: the EMA of v^T g, taken at the
@@ -1231,13 +1235,13 @@ def scale_by_sngd(
     factors, inverse_faults = dict(state.output_factors), jnp.zeros(
         [], jnp.int32)
     # One cond per output size across the stacks, its roots divided among
-    # refresh_axis's devices by factor.
+    # divide_over's devices by factor.
     for group in _groups(factored, stats, lambda stack: stack.layers[0].d_out):
       def refreshed(group=group):
         old = _group_rows(group, state.output_factors)
         rate = weight.astype(old[0].dtype)
         fresh = output_factor_roots(_group_rows(group, stats) / rate, rate,
-                              refresh_axis)
+                                    divide_over)
         ok = _finite_blocks(fresh)
         return (_group_parts(group, _where_blocks(ok, fresh, old)),
                 jnp.sum(~ok).astype(jnp.int32))
@@ -1298,7 +1302,9 @@ def scale_by_sngd(
                        "outputs of each layer in this forward pass "
                        "(sngd_jax.nnx_capture / linen_capture build them). "
                        + _missing_activations_hint())
-    _check_mapped_axes(state.count, axis_name, vmap_axis_name, refresh_axis)
+    divide_over = (split.axis_of_mesh() if refresh_axis == "auto"
+                   else refresh_axis)
+    _check_mapped_axes(state.count, axis_name, vmap_axis_name, divide_over)
     layers, entries = layers_and_entries(updates, activations)
     leaves, treedef = jax.tree.flatten(updates)
     # A tensor-parallel model's gradients are gathered for the blocks (which
@@ -1331,7 +1337,7 @@ def scale_by_sngd(
                                | (young & (count % stats_every == 0)))
                               & (weight > 0))
     preconditioners, inverse_faults = refreshed_blocks(
-        state, stacks, stats, weight, refresh)
+        state, stacks, stats, weight, refresh, divide_over)
 
     # Precondition: v = P g per stack.
     gradients, directions = {}, {}
@@ -1349,7 +1355,7 @@ def scale_by_sngd(
     if factored:
       output_stats, factors, faults, output_faults = output_factors(
           state, factored, gradients, directions, take_stats, stat_faults,
-          weight, refresh)
+          weight, refresh, divide_over)
       stat_faults += faults
       inverse_faults += output_faults
 
@@ -1686,7 +1692,7 @@ def sngd(
     axis_name: str | None = None,
     vmap_axis_name: str | None = None,
     stats_positions: int | str | None = "auto",
-    refresh_axis: str | None = None,
+    refresh_axis: str | None = "auto",
     output_factor: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """SNGD: the preconditioner alone, or the complete optimizer.

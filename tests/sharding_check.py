@@ -321,6 +321,27 @@ def refresh_flops_ratio_of(options):
 refresh_flops_ratio = refresh_flops_ratio_of({"output_factor": False})
 refresh_flops_ratio_all = refresh_flops_ratio_of({})
 
+# refresh_axis="auto" (the default) under a one-axis mesh divides the
+# refresh as refresh_axis="data" does: the compiled update's factorizations
+# per device, against refresh_axis=None's.
+stage("refresh_axis auto")
+(_, auto_acts), auto_grads = jax.value_and_grad(loss_and_acts, has_aux=True)(
+    params, x, labels)
+
+
+def update_factorization_flops(**options):
+  wide_tx = sngd_jax.sngd(0.1, nystrom=None, **options)
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(lambda g, s, p, a: wide_tx.update(
+        g, s, p, activations=a)).lower(auto_grads, wide_tx.init(params),
+                                       params, auto_acts).compile()
+  return flops.custom_call_flops(compiled.as_text())
+
+
+whole_flops = update_factorization_flops(refresh_axis=None)
+auto_flops_ratio = update_factorization_flops() / whole_flops
+named_flops_ratio = update_factorization_flops(refresh_axis="data") / whole_flops
+
 
 stage("done")
 kernel = param_sharded["layer0"]["kernel"]
@@ -335,6 +356,8 @@ print(json.dumps({
     "split_faults": int(split_state[0].inverse_faults),
     "refresh_flops_ratio": refresh_flops_ratio,
     "refresh_flops_ratio_all": refresh_flops_ratio_all,
+    "auto_flops_ratio": auto_flops_ratio,
+    "named_flops_ratio": named_flops_ratio,
     "kinds_gap": kinds_gap,
     "pmap_spread": pmap_spread,
     "kernel_sharding": list(kernel.sharding.spec),

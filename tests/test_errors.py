@@ -164,7 +164,7 @@ def test_refresh_axis_without_that_axis_names_it_and_says_how():
   tx = sngd_jax.scale_by_sngd(refresh_axis="data")
   with pytest.raises(ValueError, match="refresh_axis='data'.*jax.set_mesh"):
     tx.update(params, tx.init(params), params, activations=acts)
-  with pytest.raises(ValueError, match="refresh_axis must be None or a mesh axis"):
+  with pytest.raises(ValueError, match="refresh_axis must be \"auto\", None or a mesh axis"):
     sngd_jax.scale_by_sngd(refresh_axis=0)
 
 

@@ -330,3 +330,20 @@ def test_patterns_that_match_nothing_warn_and_boolean_intervals_fail():
     sngd_jax.sngd(0.1, layer_fisher={"layr0": "relu"}).init(params)
   with pytest.raises(ValueError, match="stats_every"):
     sngd_jax.sngd(0.1, stats_every=True)
+
+
+def test_refresh_axis_auto_leaves_the_one_device_program_as_it_was():
+  # The default "auto" divides the refresh only under a mesh with one axis
+  # of several devices (tests/sharding_check.py); on one device, the same
+  # program as refresh_axis=None.
+  params, acts, grads = setup()
+
+  def program(**options):
+    tx = sngd_jax.sngd(0.1, momentum=0.9, **options)
+    return jax.jit(lambda g, s, p, a: tx.update(g, s, p, activations=a)).lower(
+        grads, tx.init(params), params, acts).as_text()
+
+  assert program() == program(refresh_axis=None)
+  mesh = jax.make_mesh((1,), ("data",))
+  with jax.set_mesh(mesh):
+    assert program() == program(refresh_axis=None)

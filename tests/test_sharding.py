@@ -54,6 +54,11 @@ def test_sharded_training_matches_single_device():
   # every root).
   assert report["refresh_flops_ratio"] <= 0.25, report
   assert report["refresh_flops_ratio_all"] <= 0.65, report
+  # The default refresh_axis="auto" divides it under a one-axis mesh, as
+  # naming the axis does (this small MLP's per-device factorizations: its
+  # two output factors, one of each size, stay whole).
+  assert report["auto_flops_ratio"] == report["named_flops_ratio"], report
+  assert report["auto_flops_ratio"] < 0.9, report
   assert report["batch_devices"] == 8, report
 
 
