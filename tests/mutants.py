@@ -104,6 +104,11 @@ MUTATIONS = [
              "lambda new, old: jnp.where(faults == 0, new, old)",
              "lambda new, old: new",
              ("tests/test_reliability.py",)),
+    Mutation("relative damping and the warm-up's shrinkage toward I, not "
+             "the mean eigenvalue", "sngd_jax/linalg.py",
+             "shift = self.absolute + self.relative * trace / dim",
+             "shift = self.absolute + self.relative",
+             ("tests/test_step_control.py",)),
     Mutation("KL clip ignored", "sngd_jax/transform.py",
              "    scale = _kl_clip_scale(applied, rate, kl_clip)",
              "    scale = jnp.ones([])",

@@ -120,6 +120,14 @@ def test_updates_are_finite_typed_descent_directions(d_in, width, batch, kind,
   inner = sum(jnp.vdot(u.astype(jnp.float32), g.astype(jnp.float32))
               for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)))
   assert float(inner) > 0
+  # Preconditioned: not the gradient, nor a multiple of it (the identity
+  # would pass every check above).
+  u = jnp.concatenate([jnp.ravel(x).astype(jnp.float32)
+                       for x in jax.tree.leaves(updates)])
+  g = jnp.concatenate([jnp.ravel(x).astype(jnp.float32)
+                       for x in jax.tree.leaves(grads)])
+  cosine = jnp.vdot(u, g) / (jnp.linalg.norm(u) * jnp.linalg.norm(g))
+  assert float(cosine) < 0.999, float(cosine)
 
 
 def test_bfloat16_training_stays_finite_and_typed():
