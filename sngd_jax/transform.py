@@ -157,6 +157,15 @@ def _mapped(function, over_rows: bool, factors: bool = False, shared=()):
           *rows, *shared)
 
 
+def _consecutive_rows(tree, sizes: list[int]) -> list:
+  """``tree``'s leading axis cut into consecutive parts of ``sizes`` rows."""
+  parts, offset = [], 0
+  for size in sizes:
+    parts.append(jax.tree.map(lambda x, o=offset, r=size: x[o:o + r], tree))
+    offset += size
+  return parts
+
+
 @dataclasses.dataclass(frozen=True)
 class _Rows:
   """Layers laid out as rows of one array: each one's (a scanned stack's
@@ -179,13 +188,10 @@ class _Rows:
     """Each layer's part of the rows, in the layer's own layout."""
     if len(self.layers) == 1:
       return [tree]
-    parts, offset = [], 0
-    for layer in self.layers:
-      rows = max(layer.stack, 1)
-      part = jax.tree.map(lambda x, o=offset, r=rows: x[o:o + r], tree)
-      parts.append(part if layer.stack else jax.tree.map(lambda x: x[0], part))
-      offset += rows
-    return parts
+    parts = _consecutive_rows(tree, [max(layer.stack, 1)
+                                     for layer in self.layers])
+    return [part if layer.stack else jax.tree.map(lambda x: x[0], part)
+            for layer, part in zip(self.layers, parts)]
 
   def join(self, parts: list):
     """``split``'s inverse: the layers' parts as rows."""
@@ -1499,13 +1505,9 @@ def _group_rows(group: list[Stack], blocks):
 
 def _group_parts(group: list[Stack], batch) -> list:
   """``_group_rows``' inverse: each stack's part, in its own layout."""
-  parts, offset = [], 0
-  for stack in group:
-    rows = max(stack.lead, default=1)
-    parts.append(stack.unbatch(jax.tree.map(
-        lambda x, o=offset, r=rows: x[o:o + r], batch)))
-    offset += rows
-  return parts
+  parts = _consecutive_rows(batch, [max(stack.lead, default=1)
+                                    for stack in group])
+  return [stack.unbatch(part) for stack, part in zip(group, parts)]
 
 
 def output_factor_roots(means, rate, refresh_axis=None):
