@@ -1032,9 +1032,7 @@ def scale_by_sngd(
     return plan_layers(tree, layer_fisher, nystrom, output_axes, stacked)
 
   def with_output_factor(layer):
-    return (output_factor and isinstance(layer.block, (fisher.Linear,
-                                                       fisher.NystromLinear))
-            and 1 < layer.d_out <= OUTPUT_MAX_DIM)
+    return output_factor and takes_output_factor(layer)
 
   def buffer(params):
     return None if momentum is None else jax.tree.map(jnp.zeros_like, params)
@@ -1508,6 +1506,13 @@ def _group_parts(group: list[Stack], batch) -> list:
   parts = _consecutive_rows(batch, [max(stack.lead, default=1)
                                     for stack in group])
   return [stack.unbatch(part) for stack, part in zip(group, parts)]
+
+
+def takes_output_factor(layer: Layer) -> bool:
+  """Whether ``output_factor=True`` gives this layer an output factor: the
+  ``linear`` blocks (exact or Nystrom) with 2 to ``OUTPUT_MAX_DIM`` outputs."""
+  return (isinstance(layer.block, (fisher.Linear, fisher.NystromLinear))
+          and 1 < layer.d_out <= OUTPUT_MAX_DIM)
 
 
 def output_factor_roots(means, rate, refresh_axis=None):

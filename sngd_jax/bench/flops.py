@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sngd_jax import fisher, linalg, transform
+from sngd_jax import linalg, transform
 
 _SHAPE = re.compile(r"[fc](?:16|32|64)\[([0-9,]*)\]")
 
@@ -104,9 +104,7 @@ def refresh(tx_options: dict, layers, stats, refresh_axis=None):
   # groups them (alone on one device, as above).
   factored: dict[tuple, list] = {}
   for layer in layers:
-    if option("output_factor") and isinstance(layer.block, (
-        fisher.Linear, fisher.NystromLinear)) and (
-            1 < layer.d_out <= transform.OUTPUT_MAX_DIM):
+    if option("output_factor") and transform.takes_output_factor(layer):
       alike = (layer.d_out,) if refresh_axis else (layer.path,)
       factored.setdefault(alike, []).append(layer)
   for number, group in enumerate(factored.values()):
