@@ -20,7 +20,7 @@ What each layer records (the transform reads ``inputs``/``outputs``):
 | Conv with ``feature_group_count = G > 1`` (depthwise too) | patches ``(..., G, kh*kw*C_in/G)``: one block shared by the groups | none (``linear`` kind only) |
 | Embed                                | token ids                                      | none                 |
 | Embed.attend (a tied output layer)   | ``attend``: the hidden states ``h`` it multiplies | none              |
-| LayerNorm, BatchNorm, GroupNorm, RMSNorm, InstanceNorm | ``xhat = (y - bias) / scale`` (the normalized input), feature axes last and flattened, built lazily (``NormInputs``) | none |
+| LayerNorm, BatchNorm, GroupNorm, RMSNorm, InstanceNorm | ``xhat``, the normalized input (the layer's own call at scale 1, bias 0), feature axes last and flattened, built lazily (``NormInputs``) | none |
 
 Cells inside ``nnx.RNN``, ``nn.RNN``, ``nn.scan`` or any ``jax.lax.scan`` are
 captured at every step, and layers inside ``nnx.remat``, ``nn.remat`` or
@@ -371,57 +371,118 @@ def _feature_axes(layer, ndim: int) -> tuple[int, ...]:
   return tuple(sorted(a % ndim for a in axes))
 
 
-@jax.tree_util.register_pytree_node_class
-class NormInputs(_LazyInputs):
-  """A norm layer's normalized input ``xhat``, derived from its output only when used.
+@dataclasses.dataclass(frozen=True)
+class _UnitNorm:
+  """A norm layer's own call at scale 1 and bias 0, whose output is ``xhat``.
 
-  ``xhat = (y - bias) / scale`` from the output ``y = scale * xhat + bias``
-  (scale and bias broadcast over the layer's feature axes, any axes, not only
-  the last); ``xhat`` comes with those axes last, flattened: ``(..., C)``. As
-  a convolution's patches, it is built inside the statistics branch only:
-  derived at every step, it was elementwise passes over every norm's output
-  that only the statistics read. ``shape`` and ``dtype`` are ``xhat``'s.
+  Static (compared by value, so a jitted update is traced once): ``apply``
+  runs ``layer`` (an NNX graphdef and call, an unbound linen module) from its
+  variables; ``static`` and ``treedef`` rebuild the call's arguments around
+  their arrays.
   """
 
-  def __init__(self, y, scale, bias, axes: tuple[int, ...]):
-    self.y, self.scale, self.bias, self.axes = y, scale, bias, axes
+  apply: Any  # (layer, variables, x, *args, **kwargs) -> y
+  layer: Any
+  treedef: Any
+  static: tuple  # the call's non-array arguments; None where an array goes
 
-  def tree_flatten(self):
-    return (self.y, self.scale, self.bias), self.axes
+  def __call__(self, variables, x, arrays):
+    arrays = iter(arrays)
+    args, kwargs = self.treedef.unflatten(
+        [next(arrays) if leaf is None else leaf for leaf in self.static])
+    unit = jax.tree_util.tree_map_with_path(
+        lambda path, v: (jnp.ones_like(v) if _last_name(path) == "scale" else
+                         jnp.zeros_like(v) if _last_name(path) == "bias" else v),
+        variables)
+    return self.apply(self.layer, unit, x, *args, **kwargs)
 
   @classmethod
-  def tree_unflatten(cls, axes, children):
-    return cls(*children, axes)
+  def of(cls, apply, layer, args, kwargs):
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    is_array = [isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves]
+    static = tuple(None if a else leaf for leaf, a in zip(leaves, is_array))
+    arrays = tuple(leaf for leaf, a in zip(leaves, is_array) if a)
+    return cls(apply, layer, treedef, static), arrays
+
+
+def _last_name(path) -> str | None:
+  """The name of the variable a tree path ends in (``.value`` skipped)."""
+  names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+  names = [n for n in names if n != "value"]
+  return names[-1] if names else None
+
+
+@jax.tree_util.register_pytree_node_class
+class NormInputs(_LazyInputs):
+  """A norm layer's normalized input ``xhat``, computed only when used.
+
+  ``xhat`` is the layer's own output at scale 1 and bias 0 (its call run
+  again on its input, with its variables), with the layer's feature axes
+  (any axes, not only the last) moved last and flattened: ``(..., C)``. Read
+  from the output, ``(y - bias) / scale``, it was lost where the scale is
+  zero or tiny (zero-initialized residual branches, adaLN-zero): a step 149x
+  too large at scale 0. As a convolution's patches, it is built inside the
+  statistics branch only. ``shape`` and ``dtype`` are ``xhat``'s.
+  """
+
+  def __init__(self, x, variables, arrays, unit: _UnitNorm,
+               axes: tuple[int, ...]):
+    self.x, self.variables, self.arrays = x, variables, arrays
+    self.unit, self.axes = unit, axes
+
+  def tree_flatten(self):
+    return (self.x, self.variables, self.arrays), (self.unit, self.axes)
+
+  @classmethod
+  def tree_unflatten(cls, static, children):
+    return cls(*children, *static)
 
   @property
   def source(self):
-    return self.y
+    return self.x
 
   @property
   def shape(self):
-    kept = tuple(n for i, n in enumerate(self.y.shape) if i not in self.axes)
-    return kept + (math.prod(self.y.shape[i] for i in self.axes),)
+    kept = tuple(n for i, n in enumerate(self.x.shape) if i not in self.axes)
+    return kept + (math.prod(self.x.shape[i] for i in self.axes),)
 
   def materialize(self):
-    y, axes = self.y, self.axes
-    shape = tuple(y.shape[i] if i in axes else 1 for i in range(y.ndim))
-    if self.bias is not None:
-      y = y - jnp.reshape(self.bias, shape)
-    if self.scale is not None:
-      scale = jnp.reshape(self.scale, shape)
-      safe = jnp.where(jnp.abs(scale) > 1e-12, scale, 1.0)
-      y = jnp.where(jnp.abs(scale) > 1e-12, y / safe, 0.0)
-    last = tuple(range(y.ndim - len(axes), y.ndim))
-    return _flatten_trailing(jnp.moveaxis(y, axes, last), len(axes))
+    with _not_recording():  # a linen layer's call would be intercepted
+      y = self.unit(self.variables, self.x, self.arrays)
+    last = tuple(range(y.ndim - len(self.axes), y.ndim))
+    return _flatten_trailing(jnp.moveaxis(y, self.axes, last), len(self.axes))
 
 
-def _normalized(layer, y, scale, bias) -> NormInputs:
-  """A norm layer's lazy ``xhat`` over its feature axes."""
-  return NormInputs(y, scale, bias, _feature_axes(layer, y.ndim))
+def _nnx_norm_inputs(layer, call, x, args, kwargs) -> NormInputs:
+  """An NNX norm's lazy ``xhat``: ``call`` is the class's own ``__call__``."""
+  from flax import nnx
+  graphdef, variables = nnx.split(layer)
+  unit, arrays = _UnitNorm.of(_nnx_apply, (graphdef, call), args, kwargs)
+  return NormInputs(x, variables, arrays, unit, _feature_axes(layer, x.ndim))
 
 
-def _entry(kind, layer, x, y, scale=None, bias=None, einsum_str=None):
-  """The activations entry of one call, or None if the layer is unsupported."""
+def _nnx_apply(layer, variables, x, *args, **kwargs):
+  from flax import nnx
+  graphdef, call = layer
+  return call(nnx.merge(graphdef, variables), x, *args, **kwargs)
+
+
+def _linen_norm_inputs(layer, x, args, kwargs) -> NormInputs:
+  """A linen norm's lazy ``xhat``, from an unbound copy of the layer."""
+  unit, arrays = _UnitNorm.of(_linen_apply, layer.clone(parent=None), args,
+                              kwargs)
+  return NormInputs(x, dict(layer.variables), arrays, unit,
+                    _feature_axes(layer, x.ndim))
+
+
+def _linen_apply(module, variables, x, *args, **kwargs):
+  # mutable: a BatchNorm in training moves its running statistics, discarded.
+  return module.apply(variables, x, *args, mutable=True, **kwargs)[0]
+
+
+def _entry(kind, layer, x, y, einsum_str=None):
+  """The activations entry of one call (a norm's is built by the caller, who
+  can run it again), or None if the layer is unsupported."""
   if kind == "dense":
     return {"inputs": x, "outputs": y}
   if kind == "dense_params":  # linen's DenseParams returns (kernel, bias)
@@ -442,9 +503,7 @@ def _entry(kind, layer, x, y, scale=None, bias=None, einsum_str=None):
     return entry
   if kind == "embed":
     return {"inputs": x}
-  if kind == "attend":  # Embed.attend: the table as a tied output layer
-    return {"attend": x}
-  return {"inputs": _normalized(layer, y, scale, bias)}  # norm
+  return {"attend": x}  # Embed.attend: the table as a tied output layer
 
 
 def _merge(entries: list[dict]) -> dict:
@@ -697,6 +756,18 @@ def _capturing_checkpoint(original):
 
 
 @contextlib.contextmanager
+def _not_recording():
+  """A frame that records nothing: for a layer's call made by the capture."""
+  frame = _Frame()
+  frame.trace = object()  # never the current trace
+  _FRAMES.append(frame)
+  try:
+    yield
+  finally:
+    _FRAMES.pop()
+
+
+@contextlib.contextmanager
 def _capturing():
   """A top frame, with ``lax.scan`` and ``jax.checkpoint`` wrapped, for one forward pass."""
   frame = _Frame()
@@ -800,10 +871,6 @@ def _nnx_kinds():
           nnx.LoRA: "lora"}
 
 
-def _nnx_value(variable):
-  return None if variable is None else variable.get_value()
-
-
 def _nnx_ref(module):
   for name in ("kernel", "embedding", "scale", "bias"):
     variable = getattr(module, name, None)
@@ -846,10 +913,9 @@ def _patched_nnx_calls():
         return y
       key = _nnx_ref(self)
       if key is not None:
-        _record(key, _entry(kind, self, x, y,
-                            _nnx_value(getattr(self, "scale", None)),
-                            _nnx_value(getattr(self, "bias", None)),
-                            _call_einsum_str(args, kwargs)))
+        _record(key, {"inputs": _nnx_norm_inputs(self, original, x, args, kwargs)}
+                if kind == "norm" else
+                _entry(kind, self, x, y, _call_einsum_str(args, kwargs)))
       return y
     return call
 
@@ -961,9 +1027,12 @@ def linen_capture(module, variables, *args, **kwargs) -> tuple[Any, dict]:
     params = layer.variables.get("params", {})
     probe = next((params[name] for name in ("kernel", "embedding", "scale",
                                             "bias") if name in params), None)
-    _record(tuple(layer.scope.path), _entry(
-        kind, layer, call_args[0], y, params.get("scale"), params.get("bias"),
-        _call_einsum_str(call_args[1:], call_kwargs)), probe)
+    x, rest = call_args[0], call_args[1:]
+    _record(tuple(layer.scope.path),
+            {"inputs": _linen_norm_inputs(layer, x, rest, call_kwargs)}
+            if kind == "norm" else
+            _entry(kind, layer, x, y, _call_einsum_str(rest, call_kwargs)),
+            probe)
     return y
 
   with _capturing() as record, nn.intercept_methods(interceptor):

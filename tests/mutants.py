@@ -72,6 +72,10 @@ MUTATIONS = [
     Mutation("affine: the shift's mean left out", "sngd_jax/fisher.py",
              "mean = batch_mean(\"nc->c\", xhat)",
              "mean = 0 * batch_mean(\"nc->c\", xhat)"),
+    Mutation("norm: xhat read at the layer's own scale", "sngd_jax/capture.py",
+             "(jnp.ones_like(v) if _last_name(path) == \"scale\" else",
+             "(v if _last_name(path) == \"scale\" else",
+             ("tests/test_transformers.py",)),
     Mutation("embedding: frequencies scaled by 2", "sngd_jax/fisher.py",
              "counts = counts.at[ids].add(jnp.asarray(1.0 / ids.shape[0], dtype))",
              "counts = counts.at[ids].add(jnp.asarray(2.0 / ids.shape[0], dtype))"),
@@ -204,11 +208,17 @@ MUTATIONS = [
     for kind, old in [
         ("dense", "return {\"inputs\": x, \"outputs\": y}\n  if kind == \"dense_params\""),
         ("conv", "return entry\n  if kind == \"embed\""),
-        ("embed", "return {\"inputs\": x}\n  if kind == \"attend\""),
+        ("embed", "return {\"inputs\": x}\n  return {\"attend\""),
         ("attend", "return {\"attend\": x}"),
-        ("norm", "return {\"inputs\": _normalized(layer, y, scale, bias)}"),
         ("DenseGeneral", "return _general_entry(layer, x, y)"),
         ("Einsum", "return _einsum_entry(x, y, einsum_str or layer.einsum_str)"),
+    ]
+] + [
+    Mutation(f"capture: no entry for {name} norm layers", "sngd_jax/capture.py",
+             old, "None", ("tests/test_flax.py", "tests/test_transformers.py"))
+    for name, old in [
+        ("NNX", "{\"inputs\": _nnx_norm_inputs(self, original, x, args, kwargs)}"),
+        ("linen", "{\"inputs\": _linen_norm_inputs(layer, x, rest, call_kwargs)}"),
     ]
 ]
 

@@ -265,6 +265,76 @@ def test_linen_layernorm_over_two_feature_axes():
     one_update(params, grads, acts)
 
 
+NORMS = {
+    "nnx.LayerNorm": lambda dtype: nnx.LayerNorm(6, rngs=nnx.Rngs(0),
+                                                 dtype=dtype, param_dtype=dtype),
+    "nnx.BatchNorm": lambda dtype: nnx.BatchNorm(
+        6, use_running_average=False, rngs=nnx.Rngs(0), dtype=dtype,
+        param_dtype=dtype),
+    "nnx.RMSNorm": lambda dtype: nnx.RMSNorm(6, rngs=nnx.Rngs(0), dtype=dtype,
+                                             param_dtype=dtype),
+    "nnx.GroupNorm": lambda dtype: nnx.GroupNorm(
+        6, num_groups=2, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype),
+    "linen.LayerNorm": lambda dtype: nn.LayerNorm(dtype=dtype,
+                                                  param_dtype=dtype),
+}
+
+
+def norm_update(name, scale, dtype):
+  """One step on a norm's scale and bias (a fixed gradient) at ``scale``."""
+  norm = NORMS[name](dtype)
+  x = (2.0 * jax.random.normal(jax.random.PRNGKey(0), (16, 5, 6)) + 1.0)
+  x = x.astype(dtype)
+  if name.startswith("linen"):
+    params = norm.init(jax.random.PRNGKey(1), x)["params"]
+    params = {"scale": jnp.full_like(params["scale"], scale),
+              "bias": jnp.full_like(params["bias"], 0.5)}
+    _, acts = sngd_jax.linen_capture(norm, {"params": params}, x)
+  else:
+    norm.scale[...] = jnp.full_like(norm.scale[...], scale)
+    if getattr(norm, "bias", None) is not None:
+      norm.bias[...] = jnp.full_like(norm.bias[...], 0.5)
+    _, acts = sngd_jax.nnx_capture(norm, x)
+    params = nnx.to_pure_dict(nnx.state(norm, nnx.Param))
+  grads = jax.tree.map(
+      lambda p: jnp.linspace(-1.0, 1.0, p.size).reshape(p.shape).astype(dtype),
+      params)
+  tx = sngd_jax.scale_by_sngd()
+  return jax.tree.map(lambda u: np.asarray(u, np.float64),
+                      tx.update(grads, tx.init(params), params,
+                                activations=acts)[0]), acts
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_a_norms_block_does_not_depend_on_its_scale(name):
+  # The block is built from xhat, the normalized input: read back from the
+  # output as (y - bias) / scale it was lost at scale 0 (zero-init residual
+  # branches, adaLN-zero) and in bf16 at scale 1e-3.
+  expected, _ = norm_update(name, 1.0, jnp.float32)
+  at_zero, _ = norm_update(name, 0.0, jnp.float32)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-6),
+               at_zero, expected)
+  tiny, acts = norm_update(name, 1e-3, jnp.bfloat16)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0.05,
+                                                       atol=0.02),
+               tiny, expected)
+  if name != "nnx.GroupNorm":  # its xhat is normalized over groups, not C
+    xhat = np.asarray(acts["inputs"].materialize(), np.float64)
+    np.testing.assert_allclose(np.mean(xhat ** 2), 1.0, atol=0.02)
+
+
+def test_capturing_a_batch_norm_moves_its_running_statistics_once():
+  norm, plain = NORMS["nnx.BatchNorm"](jnp.float32), NORMS["nnx.BatchNorm"](
+      jnp.float32)
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 6)) + 3.0
+  _, acts = sngd_jax.nnx_capture(norm, x)
+  plain(x)
+  acts["inputs"].materialize()
+  np.testing.assert_array_equal(norm.mean[...], plain.mean[...])
+  np.testing.assert_array_equal(norm.var[...], plain.var[...])
+
+
 class Rematted(nnx.Module):
   """A layer called through ``nnx.remat`` (or directly), and a plain head."""
 
