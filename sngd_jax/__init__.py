@@ -1,6 +1,12 @@
 """sngd-jax: structured natural gradient descent as an Optax transform."""
 
-from sngd_jax.capture import conv_patches, dense, linen_capture, nnx_capture
+from sngd_jax.capture import (
+    conv_patches,
+    dense,
+    linen_capture,
+    nnx_capture,
+    with_position_mask,
+)
 from sngd_jax.fisher import KINDS
 from sngd_jax.linalg import denman_beavers
 from sngd_jax.train_state import TrainState
@@ -27,4 +33,5 @@ __all__ = [
     "nnx_capture",
     "scale_by_sngd",
     "sngd",
+    "with_position_mask",
 ]

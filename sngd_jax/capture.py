@@ -506,6 +506,54 @@ def _entry(kind, layer, x, y, einsum_str=None):
   return {"attend": x}  # Embed.attend: the table as a tied output layer
 
 
+def with_position_mask(activations: dict, mask) -> dict:
+  """The activations with ``mask`` as the weights of every layer used at its positions.
+
+  ``mask`` ``(B, T)`` (1 at real tokens, 0 at padding; any weights >= 0)
+  goes to each entry whose records have positions ``(B, T)`` (token ids
+  ``(B, T)``, inputs ``(B, T, d)``; a stack's with its layer axis first)
+  as ``fisher.WEIGHTS`` ``(B, T, 1)``: its statistics then leave the padded
+  positions out, as a masked loss does. Layers used at other positions (a
+  head on pooled features) are left as they are. ``mask=None`` returns
+  ``activations``. Hand-built entries take ``entry["weights"] = mask[...,
+  None]`` likewise.
+
+  Example:
+    >>> import jax.numpy as jnp, sngd_jax
+    >>> layer = {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}
+    >>> _, entry = sngd_jax.dense(layer, jnp.ones((4, 5, 3)))
+    >>> mask = jnp.arange(5) < jnp.array([[5], [3], [2], [4]])
+    >>> masked = sngd_jax.with_position_mask({"dense": entry}, mask)
+    >>> masked["dense"]["weights"].shape
+    (4, 5, 1)
+  """
+  if mask is None:
+    return activations
+  mask = jnp.asarray(mask)
+
+  def positions(record, stacked):
+    shape = tuple(record.shape[1:] if stacked else record.shape)
+    floating = not jnp.issubdtype(record.dtype, jnp.integer)
+    return shape[:-1] if floating else shape
+
+  def attach(node):
+    if not isinstance(node, dict):
+      return node
+    node = {key: attach(value) for key, value in node.items()}
+    records = [node[name] for name in ("inputs", "attend") if name in node]
+    stacked = fisher.STACKED in node
+    if records and all(positions(r, stacked) == mask.shape for r in records):
+      dtype = next((r.dtype for r in records
+                    if jnp.issubdtype(r.dtype, jnp.floating)), jnp.float32)
+      weights = mask.astype(dtype)[..., None]
+      if stacked:
+        weights = jnp.broadcast_to(weights, records[0].shape[:1] + weights.shape)
+      node[fisher.WEIGHTS] = weights
+    return node
+
+  return attach(activations)
+
+
 def _merge(entries: list[dict]) -> dict:
   """Every use of one layer, stacked along the positions of each example.
 
@@ -940,11 +988,16 @@ def _patched_nnx_calls():
       setattr(cls, name, original)
 
 
-def nnx_capture(model, *args, **kwargs) -> tuple[Any, dict]:
+def nnx_capture(model, *args, position_mask=None, **kwargs
+                ) -> tuple[Any, dict]:
   """Runs an ``nnx.Module`` once and returns ``(output, activations)``.
 
   ``activations`` mirrors ``nnx.state(model, nnx.Param)``: pass it to
   ``optimizer.update(model, grads, activations=activations)``.
+
+  ``position_mask`` (``(B, T)``, 1 at real tokens, 0 at padding; optional)
+  weights the statistics of every layer used at those positions (see
+  ``with_position_mask``); the other arguments go to the model.
 
   Example:
     >>> import jax.numpy as jnp, optax, sngd_jax
@@ -968,7 +1021,7 @@ def nnx_capture(model, *args, **kwargs) -> tuple[Any, dict]:
     for suffix, key in _nnx_keys(module):
       if key in record and tuple(path) + suffix not in flat:
         flat[tuple(path) + suffix] = _merge(record[key])
-  return output, _nest(flat)
+  return output, with_position_mask(_nest(flat), position_mask)
 
 
 # ----------------------------------------------------------------------------
@@ -984,15 +1037,16 @@ def _linen_kinds():
           nn.GroupNorm: "norm", nn.RMSNorm: "norm", nn.InstanceNorm: "norm"}
 
 
-def linen_capture(module, variables, *args, **kwargs) -> tuple[Any, dict]:
+def linen_capture(module, variables, *args, position_mask=None, **kwargs
+                  ) -> tuple[Any, dict]:
   """``module.apply(variables, *args, **kwargs)`` plus the activations.
 
   ``module`` is the linen module, or its bound ``apply`` (a ``TrainState``'s
   ``apply_fn``).
 
   Returns ``(apply's result, activations)``; ``activations`` mirrors
-  ``variables["params"]``. Keyword arguments go to ``apply`` (``mutable=``,
-  ``rngs=``, ``method=``...).
+  ``variables["params"]``. ``position_mask`` is ``nnx_capture``'s; other
+  keyword arguments go to ``apply`` (``mutable=``, ``rngs=``, ``method=``...).
 
   Example:
     >>> import jax, jax.numpy as jnp, sngd_jax
@@ -1038,4 +1092,4 @@ def linen_capture(module, variables, *args, **kwargs) -> tuple[Any, dict]:
   with _capturing() as record, nn.intercept_methods(interceptor):
     output = module.apply(variables, *args, **kwargs)
   flat = {path: _merge(entries) for path, entries in record.items()}
-  return output, _nest(flat)
+  return output, with_position_mask(_nest(flat), position_mask)

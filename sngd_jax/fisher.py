@@ -24,6 +24,7 @@ max_condition) * I`` (``linalg.Damping``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import zlib
 from collections.abc import Callable
@@ -64,6 +65,14 @@ KINDS = (*DENSE_KINDS, "none")
 def rows(x, dtype):
   """Flattens every leading axis: ``(..., d) -> (N, d)`` in ``dtype``."""
   return jnp.reshape(x, (-1, x.shape[-1])).astype(dtype)
+
+
+def row_weights(entry, dtype, with_slopes=False):
+  """The entry's weight per row ``(N, 1)``: its ``WEIGHTS`` (times its
+  ``SLOPES``, ``with_slopes``), or None where it has none."""
+  keys = (WEIGHTS, SLOPES) if with_slopes else (WEIGHTS,)
+  present = [rows(entry[key], dtype) for key in keys if key in entry]
+  return functools.reduce(jnp.multiply, present) if present else None
 
 
 def features(x, n, dtype):
@@ -215,6 +224,13 @@ def _unit_inverses(stats, shift, solver):
 # outputs go into (a sigmoid's 1/16), the bound of the per-unit blocks'
 # ``E[f'(h)^2 x~ x~^T]`` (``capture._cell_rules``).
 SLOPES = "slopes"
+
+# The key of an optional activations entry, a weight per position ``(..., 1)``
+# (a mask of real tokens: 0 at padding; ``position_mask=`` of the captures):
+# every kind's statistic weights its rows by it. Under ``expand`` the weights
+# are normalized to mean 1 (the mean over real positions: a masked loss's);
+# under ``reduce`` a padded use adds nothing to its example's sum.
+WEIGHTS = "weights"
 
 # The key of an activations entry recorded inside a scan (a recurrent cell,
 # any module a loop applies at every iteration); its value is ``Scanned()``,
@@ -382,7 +398,7 @@ class Linear(_Block):
 
   def statistic(self, entry, dtype):
     return augmented_moment(materialized(entry["inputs"]), self.n, dtype,
-                            entry.get(SLOPES))
+                            row_weights(entry, dtype, with_slopes=True))
 
   def refresh(self, stats, damping, solver):
     return linalg.inverse(linalg.damped(stats, damping), solver)
@@ -450,8 +466,9 @@ class NystromLinear(_Block):
 
   def statistic(self, entry, dtype):
     xt = features(materialized(entry["inputs"]), self.n, dtype)
-    if SLOPES in entry:
-      xt = xt * jnp.sqrt(rows(entry[SLOPES], dtype))
+    weights = row_weights(entry, dtype, with_slopes=True)
+    if weights is not None:
+      xt = xt * jnp.sqrt(weights)
     return {"columns": batch_mean("ni,nj->ij", xt, xt[:, np.array(self.columns)]),
             "diagonal": jnp.mean(xt * xt, axis=0)}
 
@@ -525,6 +542,8 @@ class PerUnit(_UnitBlocks):
   def statistic(self, entry, dtype):
     xt = features(materialized(entry["inputs"]), self.n, dtype)
     weights = self.nu(rows(entry["outputs"], dtype))
+    if WEIGHTS in entry:
+      weights = weights * row_weights(entry, dtype)
     return batch_mean("nj,ni,nk->jik", weights, xt, xt)
 
 
@@ -549,9 +568,12 @@ class Softmax(_Block):
 
   def statistic(self, entry, dtype):
     eta = jax.nn.softmax(rows(entry["outputs"], dtype), axis=-1)
-    output = jnp.diag(jnp.mean(eta, axis=0)) - second_moment(eta)
+    weights = row_weights(entry, dtype)
+    root = 1.0 if weights is None else jnp.sqrt(weights)
+    output = (jnp.diag(batch_mean("nj->j", root * root * eta))
+              - second_moment(root * eta))
     return {"output": output, "input": augmented_moment(
-        materialized(entry["inputs"]), self.n, dtype)}
+        materialized(entry["inputs"]), self.n, dtype, weights)}
 
   def refresh(self, stats, damping, solver):
     del solver
@@ -586,13 +608,17 @@ class Affine(_UnitBlocks):
     # Per channel E[z z^T] from E[xhat^2] and E[xhat] (a batched product of
     # stacked (N, C, n) rows took a transformer's LayerNorm 6 ms on a CPU).
     xhat = rows(materialized(entry["inputs"]), dtype)
+    weights = row_weights(entry, dtype)
     ones = jnp.ones(xhat.shape[1:], dtype)
+    weighted = xhat
+    if weights is not None:
+      ones, weighted = ones * batch_mean("ni->i", weights), xhat * weights
     if not self.has_scale:
       return ones[:, None, None]
-    square = batch_mean("nc,nc->c", xhat, xhat)
+    square = batch_mean("nc,nc->c", weighted, xhat)
     if self.n == 1:
       return square[:, None, None]
-    mean = batch_mean("nc->c", xhat)
+    mean = batch_mean("nc->c", weighted)
     return jnp.stack([jnp.stack([square, mean], -1),
                       jnp.stack([mean, ones], -1)], -2)
 
@@ -621,10 +647,16 @@ class Embedding(_Block):
     counts = jnp.zeros((self.vocab,), dtype)
     if "inputs" in entry:
       ids = jnp.reshape(_replicated(entry["inputs"]), (-1,))
-      counts = counts.at[ids].add(jnp.asarray(1.0 / ids.shape[0], dtype))
+      each = jnp.asarray(1.0 / ids.shape[0], dtype)
+      if WEIGHTS in entry:
+        each = each * _replicated(row_weights(entry, dtype))[:, 0]
+      counts = counts.at[ids].add(each)
     hidden = jnp.zeros((self.dim, self.dim), dtype)
     if "attend" in entry:
-      hidden = second_moment(rows(entry["attend"], dtype))
+      attend = rows(entry["attend"], dtype)
+      if WEIGHTS in entry:
+        attend = attend * jnp.sqrt(row_weights(entry, dtype))
+      hidden = second_moment(attend)
     return {"counts": counts, "hidden": hidden}
 
   def scaled(self, stats, entry):

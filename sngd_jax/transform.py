@@ -1,7 +1,5 @@
 """The SNGD Optax transform: ``scale_by_sngd`` and the ``sngd`` alias."""
 
-from __future__ import annotations
-
 import dataclasses
 import fnmatch
 import math
@@ -531,8 +529,8 @@ def _is_entry(x) -> bool:
   return isinstance(x, Mapping) and ("inputs" in x or "attend" in x)
 
 
-_ENTRY_KEYS = ("inputs", "outputs", "attend", fisher.SLOPES, fisher.SCANNED,
-               fisher.STACKED)
+_ENTRY_KEYS = ("inputs", "outputs", "attend", fisher.SLOPES, fisher.WEIGHTS,
+               fisher.SCANNED, fisher.STACKED)
 
 
 def flatten_activations(activations, prefix=()) -> dict[str, Mapping]:
@@ -583,11 +581,31 @@ def _recorded(entry: Mapping):
   return entry.get("inputs", entry.get("attend"))
 
 
+def _check_row_weights(where: str, entry: Mapping):
+  """A ValueError unless the entry's weights per row (``SLOPES``,
+  ``WEIGHTS``: ``(..., 1)``) have its records' positions."""
+  for key in (fisher.SLOPES, fisher.WEIGHTS):
+    if key not in entry:
+      continue
+    for name in ("inputs", "attend"):
+      if name not in entry:
+        continue
+      shape = np.shape(entry[name])
+      if name == "attend" or jnp.issubdtype(jnp.result_type(entry[name]),
+                                            jnp.floating):
+        shape = shape[:-1]  # not token ids: the features go
+      if np.shape(entry[key]) != shape + (1,):
+        raise ValueError(f"{where}[{key!r}] has shape "
+                         f"{np.shape(entry[key])}; expected {shape + (1,)} "
+                         f"(one weight per position of its {name!r})")
+
+
 def _check_entry(layer: Layer, entry: Mapping):
   """Raises a ValueError naming the layer's path if its activations do not fit."""
   _check_stack(layer, entry)
   entry = _one_layer(layer, entry)
   where = f"activations[{layer.path!r}]"
+  _check_row_weights(where, entry)
   if layer.kind == "embedding":
     if "inputs" in entry and not jnp.issubdtype(
         jnp.result_type(entry["inputs"]), jnp.integer):
@@ -613,11 +631,6 @@ def _check_entry(layer: Layer, entry: Mapping):
               "output_axes={path pattern: k} sets another split)")
     raise ValueError(f"{where}['inputs'] has shape {np.shape(x)}; the layer's "
                      f"parameters need (..., {expected}){hint}")
-  if fisher.SLOPES in entry and (
-      np.shape(entry[fisher.SLOPES]) != np.shape(x)[:-1] + (1,)):
-    raise ValueError(f"{where}[{fisher.SLOPES!r}] has shape "
-                     f"{np.shape(entry[fisher.SLOPES])}; expected "
-                     f"{np.shape(x)[:-1] + (1,)} (one weight per row)")
   if layer.kind in fisher.NU or layer.kind == "softmax":
     if "outputs" not in entry:
       raise ValueError(f"{where} needs 'outputs' (pre-activations) for "
@@ -1468,6 +1481,10 @@ def _statistic_ema(layer, sampled, entry, old, ema_decay, reduce,
   """
   with jax.named_scope("statistics"):
     dtype = jax.tree.leaves(old)[0].dtype
+    if fisher.WEIGHTS in sampled and not reduce:  # a mean over real positions
+      weights = sampled[fisher.WEIGHTS]
+      sampled = {**sampled, fisher.WEIGHTS: weights / jnp.maximum(
+          jnp.mean(weights.astype(dtype)), jnp.finfo(dtype).tiny)}
     stat = layer.block.statistic(sampled, dtype)
     if reduce:
       stat = layer.block.scaled(stat, entry)

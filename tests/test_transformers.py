@@ -335,6 +335,74 @@ def test_capturing_a_batch_norm_moves_its_running_statistics_once():
   np.testing.assert_array_equal(norm.var[...], plain.var[...])
 
 
+class Tagger(nnx.Module):
+  """A per-position model: padding changes no real position's output."""
+
+  def __init__(self, rngs, vocab=7):
+    f64 = dict(rngs=rngs, param_dtype=jnp.float64)
+    self.embed = nnx.Embed(vocab, 4, **f64)
+    self.norm = nnx.LayerNorm(4, **f64)
+    self.hidden = nnx.Linear(4, 5, **f64)
+    self.head = nnx.Linear(5, vocab, **f64)
+
+  def __call__(self, tokens):
+    return self.head(jnp.tanh(self.hidden(self.norm(self.embed(tokens)))))
+
+
+def tagger_update(tokens, mask, mask_stats=True, **options):
+  """One step on a masked-mean cross entropy (next token = the same token)."""
+  model = Tagger(nnx.Rngs(0))
+
+  def loss_fn(model):
+    logits, acts = sngd_jax.nnx_capture(
+        model, tokens, position_mask=mask if mask_stats else None)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
+    return jnp.sum(losses * mask) / jnp.sum(mask), acts
+
+  (_, acts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  grads = nnx.to_pure_dict(grads)
+  tx = sngd_jax.scale_by_sngd(**options)
+  return tx.update(grads, tx.init(params), params, activations=acts)[0], acts
+
+
+@pytest.mark.parametrize("options", [
+    {"weight_sharing": "expand", "nystrom": None},
+    {"weight_sharing": "reduce", "nystrom": None},
+    {"layer_fisher": {"hidden": "tanh", "head": "softmax"}},
+    {"nystrom": sngd_jax.Nystrom(rank=3, min_dim=4), "stats_positions": 3},
+], ids=["expand", "reduce", "per-unit and softmax", "nystrom, sampled"])
+def test_a_padded_batch_with_its_mask_steps_as_the_unpadded_one(options):
+  # Each example repeats one token, so any sample of its real positions is
+  # all of them; the padding (token 6) would change every block.
+  real, padded = 5, 9
+  tokens = jnp.repeat(jnp.array([[1], [2], [3], [1]]), real, axis=1)
+  pad = jnp.full((4, padded - real), 6)
+  mask = jnp.arange(padded) < real
+  mask = jnp.broadcast_to(mask, (4, padded)).astype(jnp.float64)
+  expected, _ = tagger_update(tokens, jnp.ones((4, real)), **options)
+  got, acts = tagger_update(jnp.concatenate([tokens, pad], 1), mask, **options)
+  assert all(acts[name]["weights"].shape == (4, padded, 1)
+             for name in ("embed", "norm", "hidden", "head"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9,
+                                                       atol=1e-12),
+               got, expected)
+  unmasked, _ = tagger_update(jnp.concatenate([tokens, pad], 1), mask,
+                              mask_stats=False, **options)
+  assert not np.allclose(flat(unmasked), flat(expected), rtol=1e-3)
+
+
+def test_a_mask_whose_shape_fits_no_position_is_refused():
+  layer = {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}
+  _, entry = sngd_jax.dense(layer, jnp.ones((4, 5, 3)))
+  entry["weights"] = jnp.ones((4, 5))
+  tx = sngd_jax.scale_by_sngd()
+  with pytest.raises(ValueError, match=r"activations\['dense'\]\['weights'\] "
+                     r"has shape \(4, 5\); expected \(4, 5, 1\)"):
+    tx.update({"dense": layer}, tx.init({"dense": layer}), {"dense": layer},
+              activations={"dense": entry})
+
+
 class Rematted(nnx.Module):
   """A layer called through ``nnx.remat`` (or directly), and a plain head."""
 
