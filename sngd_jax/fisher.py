@@ -183,15 +183,18 @@ def _unit_shift(stats, damping):
 _SPLIT_FLOPS = 1e5
 
 
-def batched(function, blocks, *shared):
+def batched(function, blocks, *shared, flops=None):
   """``jax.vmap(function)(*blocks, *shared)`` over the leading axis of each
   of ``blocks`` (units, a stack's layers; pytrees; ``shared`` go whole to
-  every one), in batches whose Cholesky stays under the split (``n^3 / 3``
-  FLOPs a block, ``n`` the last axis of the first leaf)."""
+  every one), in batches whose factorizations stay under the split:
+  ``flops`` a block (default a Cholesky's ``n^3 / 3``, ``n`` the last axis of
+  the first leaf; an eigendecomposition's is ~27x that: ``eigh_flops``)."""
   first = jax.tree.leaves(blocks)[0]
   batch = first.shape[0]
+  if flops is None:
+    flops = first.shape[-1] ** 3 / 3
   if jax.default_backend() == "cpu":
-    batch = max(1, min(batch, int(3 * _SPLIT_FLOPS // first.shape[-1] ** 3)))
+    batch = max(1, min(batch, int(_SPLIT_FLOPS // flops)))
 
   @jax.custom_batching.custom_vmap
   def in_batches(blocks, shared):
@@ -210,6 +213,11 @@ def batched(function, blocks, *shared):
     return out, jax.tree.map(lambda _: True, out)
 
   return in_batches(tuple(blocks), tuple(shared))
+
+
+def eigh_flops(n: int) -> float:
+  """An ``n x n`` symmetric eigendecomposition's FLOPs, about."""
+  return 9.0 * n ** 3
 
 
 def _unit_inverses(stats, shift, solver):
@@ -341,6 +349,8 @@ class _Block:
   ``entry["outputs"]``.
   """
 
+  n: int  # the block's size (each kind's field; an embedding has none)
+
   def scaled(self, stats, entry):
     """The statistic of a layer used ``T`` times per example (its entry's positions).
 
@@ -349,6 +359,11 @@ class _Block:
     """
     uses = uses_per_example(entry["inputs"])
     return jax.tree.map(lambda s: s * uses, stats)
+
+  def refresh_flops(self, solver) -> float:
+    """One block's factorizations at a refresh, about (``batched``'s
+    batches): a Cholesky's ``n^3 / 3``, another solver's an eigh's."""
+    return self.n ** 3 / 3 if solver == "cholesky" else eigh_flops(self.n)
 
   def refresh_split(self, stacked, damping, solver, axis):
     """The refresh of ``k`` such blocks (stacked on a leading axis) with the
@@ -472,6 +487,9 @@ class NystromLinear(_Block):
     return {"columns": batch_mean("ni,nj->ij", xt, xt[:, np.array(self.columns)]),
             "diagonal": jnp.mean(xt * xt, axis=0)}
 
+  def refresh_flops(self, solver):
+    return eigh_flops(len(self.columns))  # of the sampled columns' block
+
   def refresh(self, stats, damping, solver, axis=None):
     del solver  # Woodbury needs one m x m Cholesky, whatever the solver.
     # The cap is taken from the approximation's own spectrum, after it.
@@ -575,6 +593,9 @@ class Softmax(_Block):
     return {"output": output, "input": augmented_moment(
         materialized(entry["inputs"]), self.n, dtype, weights)}
 
+  def refresh_flops(self, solver):
+    return eigh_flops(self.n) + eigh_flops(self.d_out)
+
   def refresh(self, stats, damping, solver):
     del solver
     out_vals, out_vecs = jnp.linalg.eigh(stats["output"])
@@ -663,6 +684,9 @@ class Embedding(_Block):
     scale = {key: uses_per_example(entry[name]) if name in entry else 1
              for key, name in (("counts", "inputs"), ("hidden", "attend"))}
     return {key: stats[key] * scale[key] for key in stats}
+
+  def refresh_flops(self, solver):
+    return eigh_flops(self.dim)
 
   def refresh(self, stats, damping, solver):
     del solver  # One eigendecomposition serves every row's block.

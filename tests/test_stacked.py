@@ -218,3 +218,37 @@ def test_linen_scan_over_layers_trains_as_the_unrolled_model():
                  scanned["ScanLinenBlock_0"], unrolled[f"block{i}"])
   assert sngd_jax.layer_slice(state[0].stats, "ScanLinenBlock_0/Dense_0"
                               ).shape == (LAYERS, 9, 9)
+
+
+def _scan_lengths(jaxpr):
+  """The lengths of every scan in a jaxpr, nested ones included."""
+  lengths = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      lengths.append(eqn.params["length"])
+    for value in eqn.params.values():
+      for inner in value if isinstance(value, (list, tuple)) else [value]:
+        inner = getattr(inner, "jaxpr", inner)
+        if isinstance(inner, jax.extend.core.Jaxpr):
+          lengths += _scan_lengths(inner)
+  return lengths
+
+
+@pytest.mark.parametrize("make, batch", [
+    (lambda: sngd_jax.fisher.NystromLinear.for_width(1025, 32, True), 1),
+    (lambda: sngd_jax.fisher.Softmax(33, 10), 1),
+    (lambda: sngd_jax.fisher.Linear(40), 4),  # 21k FLOPs a Cholesky
+])
+def test_a_stacks_refresh_keeps_each_batched_factorization_small_on_cpu(
+    make, batch):
+  # jaxlib 0.10.2 on CPU splits a batched factorization above ~1e5 FLOPs
+  # over the threads that run the program; two at once hung the first step
+  # of a 12-block scanned GPT (its MLP's Nystrom blocks, eigendecompositions
+  # of 32 columns batched 9 at a time, as if Choleskys).
+  block = make()
+  stats = jax.tree.map(lambda x: jnp.broadcast_to(x, (12,) + x.shape),
+                       block.init(jnp.float32))
+  damping = sngd_jax.linalg.Damping(1e-3, 1e-3, None)
+  jaxpr = jax.make_jaxpr(lambda s: sngd_jax.transform.refresh_group(
+      block, s, damping, "cholesky"))(stats)
+  assert 12 // batch in _scan_lengths(jaxpr.jaxpr)
