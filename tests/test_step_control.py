@@ -56,12 +56,23 @@ def generated(d):
                          ids=["mlp", "cnn"])
 def test_defaults_never_produce_nan_at_any_learning_rate(model, d):
   x, labels = generated(d)
-  for momentum in (0.0, 0.9):
+
+  def final_losses(**options):
     trained = train_minibatches(
-        lambda lr, m=momentum: sngd_jax.sngd(lr, momentum=m), model(), x,
-        labels)
+        lambda lr: sngd_jax.sngd(lr, **options), model(), x, labels)
+    losses = []
     for lr in LEARNING_RATES:
-      assert finite(trained(jnp.float32(lr))[0]), (lr, momentum)
+      params, loss = trained(jnp.float32(lr))
+      assert finite(params) or options.get("layer_fisher"), (lr, options)
+      losses.append(float(np.mean(np.asarray(loss)[-20:])))
+    return np.array(losses)
+
+  for momentum in (0.0, 0.9):
+    # And the steps are SNGD's: at its best lr it ends well below the plain
+    # gradient's best (layer_fisher="none"; 0.61-0.77x, measured 2026-12-06).
+    best = final_losses(momentum=momentum).min()
+    plain = np.nanmin(final_losses(momentum=momentum, layer_fisher="none"))
+    assert best < 0.85 * plain, (momentum, best, plain)
 
 
 # Nystrom(rank=4, min_dim=8): the first layer (11 rows) takes the low-rank
