@@ -848,7 +848,40 @@ def scale_by_sngd(
   Parameters whose module has no entry pass through unchanged (a warning at
   trace time names them).
 
+  The options, by what they decide (the Args below in this order): the
+  step (``learning_rate``, ``momentum``, ``nesterov``, ``kl_clip``); the
+  curvature (``ema_decay``, ``damping``, ``relative_damping``,
+  ``max_condition``, ``stats_every``, ``inverse_every``, ``stats_positions``,
+  ``solver``, ``nystrom``, ``output_factor``); the layers
+  (``layer_fisher``, ``weight_sharing``, ``output_axes``, ``stacked``); the
+  devices (``axis_name``, ``vmap_axis_name``, ``refresh_axis``). Most users
+  set the step's only.
+
   Args:
+    learning_rate: the learning rate the output will be scaled by (a float
+      or a schedule of the step count), used by ``kl_clip`` only.
+    momentum: heavy-ball momentum ``m <- momentum * m + v``, output instead
+      of ``v`` (None: none, no buffer). The clip then bounds the step ``m``
+      itself: ``|m|_G^2`` is tracked exactly for a fixed metric
+      (``momentum^2 |m|^2 + 2 momentum m . g + v . g``, since ``G v = g``),
+      measured anew in the new blocks' metric at each refresh, and the
+      buffer is shortened where it exceeds the bound. Noisy directions
+      then add up to ``1 / (1 - momentum^2)`` times one step's
+      squared length, not ``1 / (1 - momentum)^2``, so the clip binds only
+      where the steps agree.
+    nesterov: Nesterov momentum (output ``momentum * m + v``; the KL clip
+      bounds that step, and the buffer with it).
+    kl_clip: the step is scaled so that ``learning_rate^2 |s|_G^2 <=
+      kl_clip`` (KL clipping, Ba, Grosse & Martens 2017): ``s`` is the
+      direction ``v`` (``|v|_G^2 = v . g``), or with ``momentum`` the
+      heavy-ball buffer ``m`` that is the step. ``|.|_G`` is the length in
+      the blocks' metric, summed over the layers; a recurrent cell's
+      (``weight_sharing="auto"``'s ``expand``) counts each of its uses, the
+      per-example Fisher's upper bound. A proxy of the step's KL, not a
+      bound on it: against the exact Fisher a clipped step's ``2 KL`` was
+      ``kl_clip`` times 0.6 (median) with ``linear`` blocks, 9 with a
+      ``softmax`` head (docs/guide.md, Step-size control). ``None``: no
+      clip.
     ema_decay: ``S <- ema_decay * S + (1 - ema_decay) * batch statistic`` at
       each statistics update. ``S`` starts at zero; after ``k`` updates of
       weight ``w = 1 - ema_decay^k``, the block refreshed is
@@ -872,6 +905,36 @@ def scale_by_sngd(
       with a refresh every ``stats_every`` steps, while the EMA's weight is
       below 0.9).
     inverse_every: refresh the inverses every this many steps (on step 0 too).
+    stats_positions: a layer used at more positions per example than this
+      (conv positions, tokens, scan steps) takes its statistic from this many
+      of them, drawn at random at each statistics step (the same for every
+      example): an unbiased estimate of the mean over all positions at
+      ``stats_positions / P`` of the cost (a convolution's im2col patches are
+      built at those positions only). ``None``: every position. ``"auto"``
+      (default): 16 where the layer's ``weight_sharing`` is ``"reduce"`` (a
+      convolution or norm over an image's positions: its patches are
+      correlated, so a few estimate their sum; over every position a conv's
+      statistic costs ``kh*kw*C_in / C_out`` times the convolution itself),
+      64 where it is ``"expand"`` (tokens, time steps: each is an example);
+      a string, so ``optax.inject_hyperparams`` leaves it static (an int
+      needs ``static_args=("stats_positions",)`` there).
+    solver: ``"cholesky"``, ``"eigh"`` or ``"denman_beavers"`` (the paper's
+      reconstruction: ``G^{-1/2}`` by Denman-Beavers iteration, applied twice).
+    nystrom: a :class:`Nystrom` (rank, min_dim): ``linear`` blocks with more
+      than ``min_dim`` rows use a rank-``rank`` Nystrom approximation
+      (default ``Nystrom()``: rank 32 past 512 rows). ``None``: every block
+      is exact.
+    output_factor: the output side of the ``linear`` blocks (dense, conv,
+      attention projections, recurrent cells; up to 2048 outputs). The blocks
+      above see a layer's inputs only; a Kronecker Fisher ``A (x) S`` also
+      has a factor ``S`` over the outputs (K-FAC's ``E[delta delta^T]``).
+      Since ``E[(A^-1 g)^T g]`` is proportional to ``S`` (plus the mean
+      gradient's own term), its EMA, taken at the statistics steps, gives
+      ``S`` without any output gradients: normalized to mean eigenvalue 1
+      (the layer keeps its step's scale), eigenvalues clipped to [1/16, 16]
+      and refreshed with the inverses, it multiplies the direction as
+      ``A^-1 g R^-1/2``. ``False``: the input side only (the paper's
+      blocks).
     layer_fisher: the local Fisher of dense and convolution layers:
       ``"linear"`` (one ``E[x~ x~^T]`` block shared by the output units),
       ``"relu"``, ``"sigmoid"``, ``"tanh"``, ``"elu"`` (a block per output
@@ -881,36 +944,6 @@ def scale_by_sngd(
       kinds (unmatched layers get ``"linear"``), or a callable from the path
       string to a kind. Normalization and embedding layers get their own
       blocks unless a mapping or callable says ``"none"`` for them.
-    solver: ``"cholesky"``, ``"eigh"`` or ``"denman_beavers"`` (the paper's
-      reconstruction: ``G^{-1/2}`` by Denman-Beavers iteration, applied twice).
-    nystrom: a :class:`Nystrom` (rank, min_dim): ``linear`` blocks with more
-      than ``min_dim`` rows use a rank-``rank`` Nystrom approximation
-      (default ``Nystrom()``: rank 32 past 512 rows). ``None``: every block
-      is exact.
-    kl_clip: the step is scaled so that ``learning_rate^2 |s|_G^2 <=
-      kl_clip`` (KL clipping, Ba, Grosse & Martens 2017): ``s`` is the
-      direction ``v`` (``|v|_G^2 = v . g``), or with ``momentum`` the
-      heavy-ball buffer ``m`` that is the step. ``|.|_G`` is the length in
-      the blocks' metric, summed over the layers; a recurrent cell's
-      (``weight_sharing="auto"``'s ``expand``) counts each of its uses, the
-      per-example Fisher's upper bound. A proxy of the step's KL, not a
-      bound on it: against the exact Fisher a clipped step's ``2 KL`` was
-      ``kl_clip`` times 0.6 (median) with ``linear`` blocks, 9 with a
-      ``softmax`` head (docs/guide.md, Step-size control). ``None``: no
-      clip.
-    learning_rate: the learning rate the output will be scaled by (a float
-      or a schedule of the step count), used by ``kl_clip`` only.
-    momentum: heavy-ball momentum ``m <- momentum * m + v``, output instead
-      of ``v`` (None: none, no buffer). The clip then bounds the step ``m``
-      itself: ``|m|_G^2`` is tracked exactly for a fixed metric
-      (``momentum^2 |m|^2 + 2 momentum m . g + v . g``, since ``G v = g``),
-      measured anew in the new blocks' metric at each refresh, and the
-      buffer is shortened where it exceeds the bound. Noisy directions
-      then add up to ``1 / (1 - momentum^2)`` times one step's
-      squared length, not ``1 / (1 - momentum)^2``, so the clip binds only
-      where the steps agree.
-    nesterov: Nesterov momentum (output ``momentum * m + v``; the KL clip
-      bounds that step, and the buffer with it).
     weight_sharing: for a layer used several times per example (conv
       positions, scan steps, tokens, repeated calls; the activations' first
       axis is the examples axis): ``"reduce"`` (one loss per example) sums
@@ -953,19 +986,6 @@ def scale_by_sngd(
       Without it a batched step counter turns every conditional into a
       select, and the statistics and inverses run at every step. Each model
       keeps its own statistics.
-    stats_positions: a layer used at more positions per example than this
-      (conv positions, tokens, scan steps) takes its statistic from this many
-      of them, drawn at random at each statistics step (the same for every
-      example): an unbiased estimate of the mean over all positions at
-      ``stats_positions / P`` of the cost (a convolution's im2col patches are
-      built at those positions only). ``None``: every position. ``"auto"``
-      (default): 16 where the layer's ``weight_sharing`` is ``"reduce"`` (a
-      convolution or norm over an image's positions: its patches are
-      correlated, so a few estimate their sum; over every position a conv's
-      statistic costs ``kh*kw*C_in / C_out`` times the convolution itself),
-      64 where it is ``"expand"`` (tokens, time steps: each is an example);
-      a string, so ``optax.inject_hyperparams`` leaves it static (an int
-      needs ``static_args=("stats_positions",)`` there).
     refresh_axis: a device axis whose devices divide the refresh among them
       (each computes its columns of every exact inverse, its units of the
       per-unit blocks, its rows of the Nystrom bases, its share of the
@@ -976,17 +996,6 @@ def scale_by_sngd(
       exactly one axis of more than one device, else none (one device, no
       mesh, ``pmap``, a mesh of several axes). ``None``: every device
       computes every inverse.
-    output_factor: the output side of the ``linear`` blocks (dense, conv,
-      attention projections, recurrent cells; up to 2048 outputs). The blocks
-      above see a layer's inputs only; a Kronecker Fisher ``A (x) S`` also
-      has a factor ``S`` over the outputs (K-FAC's ``E[delta delta^T]``).
-      Since ``E[(A^-1 g)^T g]`` is proportional to ``S`` (plus the mean
-      gradient's own term), its EMA, taken at the statistics steps, gives
-      ``S`` without any output gradients: normalized to mean eigenvalue 1
-      (the layer keeps its step's scale), eigenvalues clipped to [1/16, 16]
-      and refreshed with the inverses, it multiplies the direction as
-      ``A^-1 g R^-1/2``. ``False``: the input side only (the paper's
-      blocks).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its ``init`` and ``update``
@@ -1706,24 +1715,27 @@ def sngd(
     nesterov: bool = False,
     weight_decay: float | None = None,
     weight_decay_mask: Any = None,
+    kl_clip: float | None = 0.3,
+    # The curvature.
     ema_decay: float = 0.95,
     damping: float = 1e-4,
     relative_damping: float = 1e-2,
     max_condition: float | None = 1e3,
     stats_every: int = 10,
     inverse_every: int = 100,
-    layer_fisher: PerLayer = "linear",
+    stats_positions: int | str | None = "auto",
     solver: str = "cholesky",
     nystrom: Nystrom | None = Nystrom(),
-    kl_clip: float | None = 0.3,
+    output_factor: bool = True,
+    # The layers.
+    layer_fisher: PerLayer = "linear",
     weight_sharing: PerLayer = "auto",
     output_axes: OutputAxes = None,
     stacked: Stacked = None,
+    # The devices.
     axis_name: str | None = None,
     vmap_axis_name: str | None = None,
-    stats_positions: int | str | None = "auto",
     refresh_axis: str | None = "auto",
-    output_factor: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """SNGD: the preconditioner alone, or the complete optimizer.
 
@@ -1743,12 +1755,15 @@ def sngd(
     nesterov: Nesterov momentum.
     weight_decay: decoupled weight decay; None or 0 for none.
     weight_decay_mask: ``optax.add_decayed_weights``' mask.
+    kl_clip: bounds ``learning_rate^2 |m|_G^2``, the length of the step
+      momentum takes (:func:`scale_by_sngd`).
     ema_decay, damping, relative_damping, max_condition, stats_every,
-    inverse_every, layer_fisher, solver, nystrom, kl_clip, weight_sharing,
-    output_axes, stacked, axis_name, vmap_axis_name, stats_positions,
-    refresh_axis, output_factor: see
-      :func:`scale_by_sngd`. ``kl_clip`` bounds ``learning_rate^2 |m|_G^2``,
-      the KL of the step momentum takes.
+    inverse_every, stats_positions, solver, nystrom, output_factor: the
+      curvature; see :func:`scale_by_sngd`.
+    layer_fisher, weight_sharing, output_axes, stacked: the layers; see
+      :func:`scale_by_sngd`.
+    axis_name, vmap_axis_name, refresh_axis: the devices; see
+      :func:`scale_by_sngd`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs
