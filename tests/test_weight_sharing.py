@@ -174,6 +174,38 @@ def test_auto_expands_cells_captured_in_a_scan_and_reduces_the_rest():
     np.testing.assert_allclose(mapped[path], auto[path], rtol=1e-12)
 
 
+def test_auto_expands_a_cell_that_uses_its_layer_twice_a_step():
+  # Recorded inside a scan with two uses a step, the entry is (B, T, 2, d):
+  # two position axes, which outside a scan would read as an image's.
+
+  class Cell(nnx.Module):
+    def __init__(self, rngs):
+      self.shared = nnx.Linear(3, 3, rngs=rngs, param_dtype=jnp.float64)
+
+    def __call__(self, xs):
+      def step(h, x):
+        h = jnp.tanh(self.shared(x) + self.shared(h))
+        return h, h
+      return jax.lax.scan(step, jnp.zeros_like(xs[:, 0]),
+                          jnp.swapaxes(xs, 0, 1))[0]
+
+  model = Cell(nnx.Rngs(0))
+  xs = jax.random.normal(jax.random.PRNGKey(1), (4, 5, 3), jnp.float64)
+  _, acts = sngd_jax.nnx_capture(model, xs)
+  assert np.shape(acts["shared"]["inputs"]) == (4, 5, 2, 3)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  grads = jax.tree.map(jnp.ones_like, params)
+
+  def stats(sharing):
+    tx = sngd_jax.scale_by_sngd(**FORMULA, weight_sharing=sharing)
+    return tx.update(grads, tx.init(params), params, activations=acts)[1].stats
+
+  auto, expand, reduce = stats("auto"), stats("expand"), stats("reduce")
+  np.testing.assert_allclose(auto["shared"], expand["shared"], rtol=1e-12)
+  np.testing.assert_allclose(reduce["shared"], 10 * expand["shared"],
+                             rtol=1e-12)
+
+
 def test_auto_expands_tokens_and_reduces_an_images_positions():
   """Tokens (one position axis: inputs ``(B, L, d)``, ids ``(B, L)``) expand,
   and the clip counts each token once, as an explicit ``expand`` does; an
