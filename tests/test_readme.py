@@ -19,6 +19,14 @@ def test_the_pages_have_their_examples():
     assert (ROOT / page).read_text().count("```python\n") == count, page
 
 
+def test_the_readme_is_a_users_page_with_its_results_early():
+  lines = (ROOT / "README.md").read_text().splitlines()
+  assert len(lines) <= 420, len(lines)
+  table = next(i for i, line in enumerate(lines) if line.startswith(
+      "| task (target) |"))
+  assert table < 150, table
+
+
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_example_runs_and_learns(index):
   result = subprocess.run([sys.executable, "-c", BLOCKS[index]],
