@@ -45,7 +45,9 @@ def test_bench_smoke_writes_tables_plots_and_json(tmp_path, capsys):
   assert "| task (target, epochs, batch) | sngd | adam |" in table
   row = next(line for line in table.splitlines()
              if line.startswith("| mnist1d-mlp (0.5, "))
-  assert row.count("(lr ") == len(expected)
+  # Each optimizer at the lr validation picked, and SNGD's run at 0.3 again.
+  assert row.count("(lr ") == len(expected) + 1
+  assert f"| {bench.NO_SEARCH} | 0.3 |" in table
   assert "step time vs Adam" in capsys.readouterr().out
 
 

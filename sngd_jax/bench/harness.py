@@ -81,6 +81,10 @@ OPTIMIZERS: dict[str, tuple[Callable[[float], optax.GradientTransformation], tup
     "muon": (_muon, (1e-3, 3e-3, 1e-2, 3e-2)),
     "adamw": (_adamw, (1e-3, 3e-3, 1e-2, 3e-2)),
 }
+# SNGD's rate with no search (README, "Choosing the learning rate"): its run
+# in SNGD's grid is reported again as its own row, beside the tuned ones.
+NO_SEARCH_LR = 0.3
+NO_SEARCH = f"sngd, lr {NO_SEARCH_LR:g} (no search)"
 # Baselines that run only on the tasks that name them (Task.extra_optimizers).
 OPTIONAL = ("adamw",)
 # Their step scales with the gradient (Adam's, Muon's and the peers' do not):
@@ -615,6 +619,10 @@ def main(argv=None):
     for name in dict.fromkeys(r["optimizer"] for r in runs):
       mine = [r for r in runs if r["optimizer"] == name]
       best[name] = min(mine, key=lambda r: r["val_loss"] if np.isfinite(r["val_loss"]) else np.inf)
+    untuned = [r for r in runs if r["optimizer"] == "sngd" and np.isclose(
+        r["lr"], NO_SEARCH_LR * task.lr_scale)]
+    if untuned:
+      best[NO_SEARCH] = untuned[0]
     results.append((task, best))
     text = table(task, best, failures)
     print("\n" + text + "\n", flush=True)
