@@ -468,9 +468,10 @@ def _nnx_apply(layer, variables, x, *args, **kwargs):
 
 
 def _linen_norm_inputs(layer, x, args, kwargs) -> NormInputs:
-  """A linen norm's lazy ``xhat``, from an unbound copy of the layer."""
-  unit, arrays = _UnitNorm.of(_linen_apply, layer.clone(parent=None), args,
-                              kwargs)
+  """A linen norm's lazy ``xhat``, from an unbound copy of the layer
+  (nameless: alike layers then compare equal, and their statistics batch)."""
+  unit, arrays = _UnitNorm.of(_linen_apply, layer.clone(parent=None, name=None),
+                              args, kwargs)
   return NormInputs(x, dict(layer.variables), arrays, unit,
                     _feature_axes(layer, x.ndim))
 

@@ -324,6 +324,19 @@ def test_a_norms_block_does_not_depend_on_its_scale(name):
     np.testing.assert_allclose(np.mean(xhat ** 2), 1.0, atol=0.02)
 
 
+def test_alike_linen_norms_have_one_structure_so_their_statistics_batch():
+  class Two(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.LayerNorm()(nn.Dense(6)(nn.LayerNorm()(x)))
+
+  x = jnp.ones((4, 6))
+  variables = Two().init(jax.random.PRNGKey(0), x)
+  _, acts = sngd_jax.linen_capture(Two(), variables, x)
+  assert (jax.tree.structure(acts["LayerNorm_0"])
+          == jax.tree.structure(acts["LayerNorm_1"]))
+
+
 def test_capturing_a_batch_norm_moves_its_running_statistics_once():
   norm, plain = NORMS["nnx.BatchNorm"](jnp.float32), NORMS["nnx.BatchNorm"](
       jnp.float32)
