@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sngd_jax import fisher
+from sngd_jax.transform import path_tuple
 
 
 def dense(layer: dict, x: jax.Array) -> tuple[jax.Array, dict]:
@@ -390,10 +391,12 @@ class _UnitNorm:
     arrays = iter(arrays)
     args, kwargs = self.treedef.unflatten(
         [next(arrays) if leaf is None else leaf for leaf in self.static])
-    unit = jax.tree_util.tree_map_with_path(
-        lambda path, v: (jnp.ones_like(v) if _last_name(path) == "scale" else
-                         jnp.zeros_like(v) if _last_name(path) == "bias" else v),
-        variables)
+    def at_unit(path, v):
+      name = path_tuple(path)[-1]
+      return (jnp.ones_like(v) if name == "scale" else
+              jnp.zeros_like(v) if name == "bias" else v)
+
+    unit = jax.tree_util.tree_map_with_path(at_unit, variables)
     return self.apply(self.layer, unit, x, *args, **kwargs)
 
   @classmethod
@@ -403,13 +406,6 @@ class _UnitNorm:
     static = tuple(None if a else leaf for leaf, a in zip(leaves, is_array))
     arrays = tuple(leaf for leaf, a in zip(leaves, is_array) if a)
     return cls(apply, layer, treedef, static), arrays
-
-
-def _last_name(path) -> str | None:
-  """The name of the variable a tree path ends in (``.value`` skipped)."""
-  names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-  names = [n for n in names if n != "value"]
-  return names[-1] if names else None
 
 
 @jax.tree_util.register_pytree_node_class

@@ -74,8 +74,8 @@ MUTATIONS = [
              "mean = batch_mean(\"nc->c\", weighted)",
              "mean = 0 * batch_mean(\"nc->c\", weighted)"),
     Mutation("norm: xhat read at the layer's own scale", "sngd_jax/capture.py",
-             "(jnp.ones_like(v) if _last_name(path) == \"scale\" else",
-             "(v if _last_name(path) == \"scale\" else",
+             "return (jnp.ones_like(v) if name == \"scale\" else",
+             "return (v if name == \"scale\" else",
              ("tests/test_transformers.py",)),
     *[Mutation(f"position mask: {name}", path, old, new,
                ("tests/test_transformers.py",)) for name, path, old, new in [
