@@ -370,3 +370,43 @@ def test_a_rejected_inverse_is_counted_and_the_last_good_one_kept(solver):
   np.testing.assert_array_equal(new.preconditioners["dense"],
                                 state.preconditioners["dense"])
   assert finite(updates)
+
+
+def test_the_clip_reads_the_learning_rate_of_each_step():
+  # A warm-up from lr 0: read at step 0, the clip would never bind.
+  params = mlp_params(jax.random.PRNGKey(0), [10, 8, 4])
+  x, labels = blobs(jax.random.PRNGKey(1), n=32)
+  (_, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(
+      params, x, labels)
+  schedule = optax.linear_schedule(0.0, 1.0, 4)
+  kappa = 1e-3
+  clipped = sngd_jax.scale_by_sngd(learning_rate=schedule, kl_clip=kappa)
+  free = sngd_jax.scale_by_sngd(learning_rate=schedule, kl_clip=None)
+  states = clipped.init(params), free.init(params)
+
+  def dot(a, b):
+    return sum(float(jnp.vdot(x, y)) for x, y in
+               zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+  for step in range(4):
+    d, clipped_state = clipped.update(grads, states[0], params,
+                                      activations=acts)
+    v, free_state = free.update(grads, states[1], params, activations=acts)
+    states = clipped_state, free_state
+    scale = dot(d, grads) / dot(v, grads)  # d = scale * v
+    # The step's squared length lr^2 |d|_G^2 = lr^2 scale^2 v . g.
+    assert float(schedule(step)) ** 2 * scale ** 2 * dot(v, grads) <= (
+        kappa * (1 + 1e-5)), step
+  assert int(states[0].clipped) == 3  # every step but the first (lr 0)
+
+
+def test_an_embeddings_condition_cap_counts_its_lookups_and_its_attend():
+  # Row v's block is f_v I + C: its largest eigenvalue max f + max eig C.
+  block = fisher.Embedding(vocab=5, dim=3)
+  counts = jnp.array([0.5, 2.0, 0.1, 0.0, 1.0], jnp.float64)
+  hidden = jnp.diag(jnp.array([0.3, 0.2, 0.1], jnp.float64))
+  damping = linalg.Damping(0.0, 0.0, max_condition=10.0)
+  precond = block.refresh({"counts": counts, "hidden": hidden}, damping,
+                          "cholesky")
+  np.testing.assert_allclose(precond["counts"] - counts, (2.0 + 0.3) / 10,
+                             rtol=1e-12)

@@ -339,3 +339,24 @@ def test_sampled_positions_keep_the_scanned_marker():
   sampled = fisher.sampled_positions(entry, 2, jax.random.PRNGKey(1))
   assert sampled[fisher.SCANNED] == fisher.Scanned()
   assert sampled["inputs"].shape == (3, 2, 4)
+
+
+def test_a_softmax_layer_under_reduce_scales_its_input_factor_only():
+  # The Kronecker block A (x) S times T is (T A) (x) S: scaling both factors
+  # would scale the block by T^2.
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 3, 5), jnp.float64)
+  layer = {"kernel": jax.random.normal(jax.random.PRNGKey(1), (5, 6),
+                                       jnp.float64),
+           "bias": jnp.zeros(6, jnp.float64)}
+  _, entry = sngd_jax.dense(layer, x)
+  params, grads = {"head": layer}, jax.tree.map(jnp.ones_like, {"head": layer})
+
+  def stats(sharing):
+    tx = sngd_jax.scale_by_sngd(**{**FORMULA, "layer_fisher": "softmax"},
+                                weight_sharing=sharing)
+    return tx.update(grads, tx.init(params), params,
+                     activations={"head": entry})[1].stats["head"]
+
+  reduce, expand = stats("reduce"), stats("expand")
+  np.testing.assert_allclose(reduce["input"], 3 * expand["input"], rtol=1e-12)
+  np.testing.assert_allclose(reduce["output"], expand["output"], rtol=1e-12)
