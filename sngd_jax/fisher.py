@@ -666,17 +666,18 @@ class Embedding(_Block):
 
   def statistic(self, entry, dtype):
     counts = jnp.zeros((self.vocab,), dtype)
+    weights = row_weights(entry, dtype)
     if "inputs" in entry:
       ids = jnp.reshape(_replicated(entry["inputs"]), (-1,))
       each = jnp.asarray(1.0 / ids.shape[0], dtype)
-      if WEIGHTS in entry:
-        each = each * _replicated(row_weights(entry, dtype))[:, 0]
+      if weights is not None:
+        each = each * _replicated(weights)[:, 0]
       counts = counts.at[ids].add(each)
     hidden = jnp.zeros((self.dim, self.dim), dtype)
     if "attend" in entry:
       attend = rows(entry["attend"], dtype)
-      if WEIGHTS in entry:
-        attend = attend * jnp.sqrt(row_weights(entry, dtype))
+      if weights is not None:
+        attend = attend * jnp.sqrt(weights)
       hidden = second_moment(attend)
     return {"counts": counts, "hidden": hidden}
 

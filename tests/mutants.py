@@ -93,7 +93,7 @@ MUTATIONS = [
          "ones, weighted = ones * batch_mean(\"ni->i\", weights), xhat * weights",
          "pass"),
         ("ignored by the embedding's counts", "sngd_jax/fisher.py",
-         "each = each * _replicated(row_weights(entry, dtype))[:, 0]", "pass"),
+         "each = each * _replicated(weights)[:, 0]", "pass"),
     ]],
     Mutation("a stack's eigendecompositions batched as if Choleskys",
              "sngd_jax/transform.py", "flops=block.refresh_flops(solver))",

@@ -383,19 +383,14 @@ def test_the_clip_reads_the_learning_rate_of_each_step():
   clipped = sngd_jax.scale_by_sngd(learning_rate=schedule, kl_clip=kappa)
   free = sngd_jax.scale_by_sngd(learning_rate=schedule, kl_clip=None)
   states = clipped.init(params), free.init(params)
-
-  def dot(a, b):
-    return sum(float(jnp.vdot(x, y)) for x, y in
-               zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
   for step in range(4):
     d, clipped_state = clipped.update(grads, states[0], params,
                                       activations=acts)
     v, free_state = free.update(grads, states[1], params, activations=acts)
     states = clipped_state, free_state
-    scale = dot(d, grads) / dot(v, grads)  # d = scale * v
+    scale = vdot(d, grads) / vdot(v, grads)  # d = scale * v
     # The step's squared length lr^2 |d|_G^2 = lr^2 scale^2 v . g.
-    assert float(schedule(step)) ** 2 * scale ** 2 * dot(v, grads) <= (
+    assert float(schedule(step)) ** 2 * scale ** 2 * vdot(v, grads) <= (
         kappa * (1 + 1e-5)), step
   assert int(states[0].clipped) == 3  # every step but the first (lr 0)
 
