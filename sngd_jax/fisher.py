@@ -172,34 +172,59 @@ def _unit_shift(stats, damping):
       jax.vmap(linalg.largest_eigenvalue)(stats)))
 
 
-# jaxlib 0.10.2 on CPU splits a batched factorization above ~1e5-2e5 FLOPs
-# over the intra-op threads that also run the program; two at once (two
-# layers' conds) can leave no thread to work, and the step hangs (a stack of
-# two 65-row blocks, 1.8e5 FLOPs, hung a transformer's momentum remeasure).
-# On CPU, per-unit blocks and the layers of a stack are factored in batches
-# below that, and under an outer vmap (models, seeds) one model at a time,
-# since vmap would multiply each batch by the models. Other backends factor
-# them all in one batch.
+# jaxlib 0.10 on CPU runs a batched LAPACK call whose cost estimate (batch
+# x one matrix's FLOPs) reaches 2e5 as chunks on the intra-op threads that
+# also run the program, and waits for them. When every such thread waits
+# (two layers' conds at once; the 8 devices of a simulated mesh, one thread
+# each) none is left to run a chunk and the step hangs. So on CPU per-unit
+# blocks and the layers of a stack are factored in batches whose every
+# LAPACK call stays under half that, read from the jaxpr of one unit; under
+# an outer vmap (models, seeds) one model at a time, since vmap would
+# multiply each batch by the models. Other backends take one batch.
 _SPLIT_FLOPS = 1e5
+# jaxlib's estimates: Cholesky n^3/3, a triangular solve m^2 k; others
+# (eigendecompositions, LU) taken as an eigendecomposition's, about 9 n^3.
+_FACTORIZATIONS = ("eigh", "lu", "qr", "householder_product", "svd", "schur",
+                   "hessenberg", "tridiagonal", "eig")
 
 
-def batched(function, blocks, *shared, flops=None):
+def _lapack_flops(jaxpr) -> float:
+  """The largest cost estimate of one LAPACK call in ``jaxpr``, nested
+  jaxprs included (0 without one)."""
+  largest = 0.0
+  for eqn in jaxpr.eqns:
+    name, shape = eqn.primitive.name, eqn.invars[0].aval.shape if eqn.invars else ()
+    if name == "cholesky":
+      largest = max(largest, shape[-1] ** 3 / 3)
+    elif name == "triangular_solve":
+      rhs = eqn.invars[1].aval.shape
+      largest = max(largest, rhs[-2] * rhs[-1] * shape[-1])
+    elif name in _FACTORIZATIONS:
+      largest = max(largest, 9.0 * max(shape[-2:]) ** 3)
+    for value in eqn.params.values():
+      for inner in value if isinstance(value, (list, tuple)) else [value]:
+        inner = getattr(inner, "jaxpr", inner)
+        if isinstance(inner, jax.extend.core.Jaxpr):
+          largest = max(largest, _lapack_flops(inner))
+  return largest
+
+
+def batched(function, blocks, *shared):
   """``jax.vmap(function)(*blocks, *shared)`` over the leading axis of each
   of ``blocks`` (units, a stack's layers; pytrees; ``shared`` go whole to
-  every one), in batches whose factorizations stay under the split:
-  ``flops`` a block (default a Cholesky's ``n^3 / 3``, ``n`` the last axis of
-  the first leaf; an eigendecomposition's is ~27x that: ``eigh_flops``)."""
-  first = jax.tree.leaves(blocks)[0]
-  batch = first.shape[0]
-  if flops is None:
-    flops = first.shape[-1] ** 3 / 3
+  every one), on CPU in batches whose LAPACK calls stay under the split."""
+  batch = jax.tree.leaves(blocks)[0].shape[0]
   if jax.default_backend() == "cpu":
-    batch = max(1, min(batch, int(_SPLIT_FLOPS // flops)))
+    unit = jax.eval_shape(lambda b: jax.tree.map(lambda x: x[0], b), blocks)
+    flops = _lapack_flops(jax.make_jaxpr(lambda u, s: function(*u, *s))(
+        unit, jax.eval_shape(lambda s: s, shared)).jaxpr)
+    if flops:
+      batch = max(1, min(batch, int(_SPLIT_FLOPS // flops)))
 
   @jax.custom_batching.custom_vmap
   def in_batches(blocks, shared):
     # A batch of one is a plain loop: lax.map's batches of one are batched
-    # factorizations of one block, which split past the threshold too.
+    # calls of one matrix.
     return jax.lax.map(lambda unit: function(*unit, *shared), blocks,
                        batch_size=None if batch == 1 else batch)
 
@@ -213,11 +238,6 @@ def batched(function, blocks, *shared, flops=None):
     return out, jax.tree.map(lambda _: True, out)
 
   return in_batches(tuple(blocks), tuple(shared))
-
-
-def eigh_flops(n: int) -> float:
-  """An ``n x n`` symmetric eigendecomposition's FLOPs, about."""
-  return 9.0 * n ** 3
 
 
 def _unit_inverses(stats, shift, solver):
@@ -360,11 +380,6 @@ class _Block:
     uses = uses_per_example(entry["inputs"])
     return jax.tree.map(lambda s: s * uses, stats)
 
-  def refresh_flops(self, solver) -> float:
-    """One block's factorizations at a refresh, about (``batched``'s
-    batches): a Cholesky's ``n^3 / 3``, another solver's an eigh's."""
-    return self.n ** 3 / 3 if solver == "cholesky" else eigh_flops(self.n)
-
   def refresh_split(self, stacked, damping, solver, axis):
     """The refresh of ``k`` such blocks (stacked on a leading axis) with the
     devices of the bound ``axis`` sharing the work (``sngd_jax.split``)."""
@@ -487,9 +502,6 @@ class NystromLinear(_Block):
     return {"columns": batch_mean("ni,nj->ij", xt, xt[:, np.array(self.columns)]),
             "diagonal": jnp.mean(xt * xt, axis=0)}
 
-  def refresh_flops(self, solver):
-    return eigh_flops(len(self.columns))  # of the sampled columns' block
-
   def refresh(self, stats, damping, solver, axis=None):
     del solver  # Woodbury needs one m x m Cholesky, whatever the solver.
     # The cap is taken from the approximation's own spectrum, after it.
@@ -593,9 +605,6 @@ class Softmax(_Block):
     return {"output": output, "input": augmented_moment(
         materialized(entry["inputs"]), self.n, dtype, weights)}
 
-  def refresh_flops(self, solver):
-    return eigh_flops(self.n) + eigh_flops(self.d_out)
-
   def refresh(self, stats, damping, solver):
     del solver
     out_vals, out_vecs = jnp.linalg.eigh(stats["output"])
@@ -685,9 +694,6 @@ class Embedding(_Block):
     scale = {key: uses_per_example(entry[name]) if name in entry else 1
              for key, name in (("counts", "inputs"), ("hidden", "attend"))}
     return {key: stats[key] * scale[key] for key in stats}
-
-  def refresh_flops(self, solver):
-    return eigh_flops(self.dim)
 
   def refresh(self, stats, damping, solver):
     del solver  # One eigendecomposition serves every row's block.

@@ -1551,8 +1551,7 @@ def output_factor_roots(means, rate, refresh_axis=None):
   the ``k`` and one ``psum`` assembles them."""
   def roots(means, rate):
     return fisher.batched(lambda mean, rate: linalg.output_roots(
-        (mean + mean.T) / 2, rate, OUTPUT_POWER, OUTPUT_RANGE), (means,), rate,
-        flops=fisher.eigh_flops(means.shape[-1]))
+        (mean + mean.T) / 2, rate, OUTPUT_POWER, OUTPUT_RANGE), (means,), rate)
 
   if refresh_axis is None:
     return roots(means, rate)
@@ -1573,8 +1572,7 @@ def refresh_group(block, stacked, damping: linalg.Damping, solver,
   if refresh_axis is None:  # each block on every device
     if jax.tree.leaves(stacked)[0].shape[0] > 1:  # the layers of a stack
       return fisher.batched(lambda s, d: block.refresh(s, d, solver),
-                            (stacked,), jax.tree.map(jnp.asarray, damping),
-                            flops=block.refresh_flops(solver))
+                            (stacked,), jax.tree.map(jnp.asarray, damping))
     unstacked = jax.tree.map(lambda x: x[0], stacked)
     return jax.tree.map(lambda x: x[None], block.refresh(
         unstacked, damping, solver))

@@ -2,26 +2,34 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 
-def run_check(script: str, xla_flags: str = "") -> dict:
+def run_check(script: str) -> dict:
   """Runs ``tests/<script>`` on 8 simulated CPU devices; its JSON report."""
   here = Path(__file__).parent
-  env = dict(os.environ, XLA_FLAGS=(
-      f"--xla_force_host_platform_device_count=8 {xla_flags}"),
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              PYTHONPATH=f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
              JAX_PLATFORMS="cpu")
-  try:
-    result = subprocess.run([sys.executable, str(here / script)],
-                            capture_output=True, text=True, env=env, timeout=600)
-  except subprocess.TimeoutExpired as timeout:
-    # The check prints each stage it starts: say where it stopped.
-    raise AssertionError((timeout.stderr or b"")[-3000:].decode()) from timeout
-  assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    check = subprocess.Popen(
+        [sys.executable, "-X", "faulthandler", str(here / script)],
+        stdout=out, stderr=err, text=True, env=env)
+    try:
+      check.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+      check.send_signal(signal.SIGABRT)  # faulthandler: where each thread is
+      check.wait()
+      err.seek(0)
+      raise AssertionError(f"hung (600 s):\n{err.read()[-3000:]}") from None
+    out.seek(0)
+    err.seek(0)
+    assert check.returncode == 0, err.read()[-3000:]
+    return json.loads(out.read().strip().splitlines()[-1])
 
 
 def test_sharded_training_matches_single_device():
@@ -65,9 +73,6 @@ def test_sharded_training_matches_single_device():
 def test_tensor_parallel_explicit_meshes_match_single_device():
   # The Flax MiniGPT tutorial's annotations (kernels split over "model"
   # along their outputs or inputs) under (4, 2) and (2, 4) Explicit meshes.
-  # XLA:CPU's concurrency-optimized scheduler deadlocks this program's
-  # collectives between simulated devices (jax 0.10.2; docs/guide.md: Scale).
-  report = run_check("tensor_parallel_check.py",
-                     "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+  report = run_check("tensor_parallel_check.py")
   assert set(report) == {"4x2", "2x4"}, report
   assert max(report.values()) < 1e-4, report

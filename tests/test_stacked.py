@@ -1,6 +1,7 @@
 """Models that scan over stacked layers: each layer of a stack gets its own
 block, and the stacked model trains exactly as the same model unrolled."""
 
+import functools
 import warnings
 
 import jax
@@ -12,7 +13,7 @@ from flax import linen as nn
 from flax import nnx
 
 import sngd_jax
-from tests.helpers import cross_entropy
+from tests.helpers import blobs, cross_entropy, loss_and_acts, mlp_params
 
 D, LAYERS, STEPS = 8, 3, 4
 # Statistics and refreshes at every step, and every position (sampled
@@ -220,35 +221,90 @@ def test_linen_scan_over_layers_trains_as_the_unrolled_model():
                               ).shape == (LAYERS, 9, 9)
 
 
-def _scan_lengths(jaxpr):
-  """The lengths of every scan in a jaxpr, nested ones included."""
-  lengths = []
+# jaxlib 0.10.2 on CPU runs a batched LAPACK call whose estimate (batch x one
+# matrix's FLOPs: Cholesky n^3/3, triangular solve m^2 k, eigh 5 n^3, LU
+# n^3; read from its _lapack.so) reaches 2e5 on the threads that run the
+# program, and waits: two at once, or 8 simulated devices, hung steps (a
+# 12-block scanned GPT's Nystrom blocks; the momentum remeasure's solves of
+# a tensor-parallel transformer on a loaded 2-core machine).
+JAXLIB_SPLIT = 2e5
+
+
+def _lapack_calls(jaxpr):
+  """``(primitive, batch, one matrix's estimate)`` of every LAPACK call in a
+  jaxpr, nested ones included."""
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "scan":
-      lengths.append(eqn.params["length"])
+    name = eqn.primitive.name
+    shape = eqn.invars[0].aval.shape if eqn.invars else ()
+    batch = int(np.prod(shape[:-2]))
+    if name == "cholesky":
+      yield name, batch, shape[-1] ** 3 / 3
+    elif name == "triangular_solve":
+      rows, columns = eqn.invars[1].aval.shape[-2:]
+      yield name, batch, rows * columns * shape[-1]
+    elif name == "eigh":
+      yield name, batch, 5 * shape[-1] ** 3
+    elif name == "lu":
+      yield name, batch, shape[-1] ** 3
     for value in eqn.params.values():
       for inner in value if isinstance(value, (list, tuple)) else [value]:
         inner = getattr(inner, "jaxpr", inner)
         if isinstance(inner, jax.extend.core.Jaxpr):
-          lengths += _scan_lengths(inner)
-  return lengths
+          yield from _lapack_calls(inner)
 
 
-@pytest.mark.parametrize("make, batch", [
-    (lambda: sngd_jax.fisher.NystromLinear.for_width(1025, 32, True), 1),
-    (lambda: sngd_jax.fisher.Softmax(33, 10), 1),
-    (lambda: sngd_jax.fisher.Linear(40), 4),  # 21k FLOPs a Cholesky
-])
-def test_a_stacks_refresh_keeps_each_batched_factorization_small_on_cpu(
-    make, batch):
-  # jaxlib 0.10.2 on CPU splits a batched factorization above ~1e5 FLOPs
-  # over the threads that run the program; two at once hung the first step
-  # of a 12-block scanned GPT (its MLP's Nystrom blocks, eigendecompositions
-  # of 32 columns batched 9 at a time, as if Choleskys).
+def transformer_update():
+  """The update of the tensor-parallel check's transformer (one device,
+  momentum: refreshes, output roots and the momentum's remeasure)."""
+  from tests.tensor_parallel_check import CONTEXT, VOCAB, model_and_optimizer
+  model, optimizer = model_and_optimizer(sharded=False)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tokens = jax.random.randint(jax.random.key(1), (16, CONTEXT + 1), 0, VOCAB)
+
+  def loss(params):
+    logits, acts = sngd_jax.nnx_capture(nnx.merge(graphdef, params, rest),
+                                        tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, tokens[:, 1:]).mean(), acts
+
+  (_, acts), grads = jax.value_and_grad(loss, has_aux=True)(params)
+  tx = optimizer.tx
+  return jax.make_jaxpr(lambda g, s, p, a: tx.update(g, s, p, activations=a))(
+      grads, tx.init(params), params, acts)
+
+
+def per_unit_update():
+  """A per-unit (relu) layer of 64 blocks of 33 with momentum."""
+  params = mlp_params(jax.random.PRNGKey(0), [32, 64, 10], jnp.float32)
+  x, labels = blobs(jax.random.PRNGKey(1), 64, 32, 10, jnp.float32)
+  (_, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(
+      params, x, labels)
+  tx = sngd_jax.sngd(0.1, momentum=0.9, layer_fisher="relu")
+  return jax.make_jaxpr(lambda g, s, p, a: tx.update(g, s, p, activations=a))(
+      grads, tx.init(params), params, acts)
+
+
+def stack_refresh(make, solver):
+  """The refresh of 12 alike blocks stacked."""
   block = make()
   stats = jax.tree.map(lambda x: jnp.broadcast_to(x, (12,) + x.shape),
                        block.init(jnp.float32))
   damping = sngd_jax.linalg.Damping(1e-3, 1e-3, None)
-  jaxpr = jax.make_jaxpr(lambda s: sngd_jax.transform.refresh_group(
-      block, s, damping, "cholesky"))(stats)
-  assert 12 // batch in _scan_lengths(jaxpr.jaxpr)
+  return jax.make_jaxpr(lambda s: sngd_jax.transform.refresh_group(
+      block, s, damping, solver))(stats)
+
+
+@pytest.mark.parametrize("program", [
+    transformer_update, per_unit_update,
+    *[functools.partial(stack_refresh, make, solver)
+      for make in (lambda: sngd_jax.fisher.Linear(40),
+                   lambda: sngd_jax.fisher.NystromLinear.for_width(1025, 32, True),
+                   lambda: sngd_jax.fisher.Softmax(33, 10))
+      for solver in sngd_jax.linalg.SOLVERS]],
+    ids=["transformer", "per-unit", *[f"{kind}-{solver}" for kind in
+         ("linear", "nystrom", "softmax") for solver in sngd_jax.linalg.SOLVERS]])
+def test_every_batched_lapack_call_stays_under_jaxlibs_split_on_cpu(program):
+  calls = list(_lapack_calls(program().jaxpr))
+  assert calls
+  batched = [(name, batch, cost) for name, batch, cost in calls if batch > 1]
+  assert all(batch * cost < JAXLIB_SPLIT for _, batch, cost in batched), batched
