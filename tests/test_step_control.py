@@ -273,24 +273,36 @@ def test_a_young_ema_is_refreshed_every_stats_every_steps(ema_decay,
   assert changed == refreshed
 
 
+class RecurrentModel(nn.Module):
+  """A cell scanned over 8 steps and a head on its last state."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.RNN(nn.SimpleCell(5, param_dtype=jnp.float64))(x[..., None])
+    return nn.Dense(2, param_dtype=jnp.float64)(h[:, -1])
+
+
+def recurrent_model():
+  """``(params, activations, gradients(phase))`` of ``RecurrentModel``."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 8), jnp.float64)
+  model = RecurrentModel()
+  params = model.init(jax.random.PRNGKey(1), x)["params"]
+  _, acts = sngd_jax.linen_capture(model, {"params": params}, x)
+
+  def gradients(phase):
+    return jax.tree.map(lambda p: jnp.cos(
+        phase + jnp.arange(p.size, dtype=p.dtype)).reshape(p.shape), params)
+
+  return params, acts, gradients
+
+
 @pytest.mark.parametrize("sharing", ["auto", "expand"])
 def test_the_clip_counts_every_step_of_an_auto_expanded_recurrent_cell(sharing):
   """``auto`` expands a scanned cell's statistic (a mean over its steps) but
   measures the clip with the per-example Fisher's sum over them: its
   ``v . g`` counts 8 times; an explicit ``expand`` (a loss per step) once."""
-
-  class Model(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      h = nn.RNN(nn.SimpleCell(5, param_dtype=jnp.float64))(x[..., None])
-      return nn.Dense(2, param_dtype=jnp.float64)(h[:, -1])
-
-  x = jax.random.normal(jax.random.PRNGKey(0), (6, 8), jnp.float64)
-  model = Model()
-  params = model.init(jax.random.PRNGKey(1), x)["params"]
-  _, acts = sngd_jax.linen_capture(model, {"params": params}, x)
-  grads = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype)
-                                         ).reshape(p.shape), params)
+  params, acts, gradients = recurrent_model()
+  grads = gradients(0.0)
 
   def direction(**options):
     tx = sngd_jax.scale_by_sngd(stats_every=1, inverse_every=1, nystrom=None,
@@ -305,6 +317,26 @@ def test_the_clip_counts_every_step_of_an_auto_expanded_recurrent_cell(sharing):
   assert int(state.clipped) == 1
   jax.tree.map(lambda c, f: np.testing.assert_allclose(c, 0.5 * f, rtol=1e-6),
                clipped, free)
+
+
+def test_a_refresh_that_keeps_the_blocks_keeps_the_buffers_length():
+  """``|m|_G^2`` kept step by step (``beta^2 |m|^2 + 2 beta m.g + v.g``)
+  equals the buffer measured anew by a refresh that leaves the blocks as
+  they were (statistics of step 0 only, no EMA): both weigh a scanned cell's
+  terms by its 8 uses, as the clip does."""
+  params, acts, gradients = recurrent_model()
+
+  def buffer_length(inverse_every):
+    # A budget that never binds: a clipped buffer's length is the budget.
+    tx = sngd_jax.sngd(0.1, momentum=0.9, ema_decay=0.0, stats_every=1000,
+                       inverse_every=inverse_every, nystrom=None, kl_clip=1e6)
+    state, update = tx.init(params), jax.jit(tx.update)
+    for step in range(4):  # with inverse_every=3 remeasured at step 3
+      _, state = update(gradients(float(step)), state, params,
+                        activations=acts)
+    return float(state[0].momentum_norm)
+
+  np.testing.assert_allclose(buffer_length(3), buffer_length(1000), rtol=1e-6)
 
 
 def test_input_scale_does_not_change_the_step():
