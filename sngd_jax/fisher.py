@@ -214,7 +214,7 @@ def batched(function, blocks, *shared):
   of ``blocks`` (units, a stack's layers; pytrees; ``shared`` go whole to
   every one), on CPU in batches whose LAPACK calls stay under the split."""
   batch = jax.tree.leaves(blocks)[0].shape[0]
-  if jax.default_backend() == "cpu":
+  if batch > 1 and jax.default_backend() == "cpu":
     unit = jax.eval_shape(lambda b: jax.tree.map(lambda x: x[0], b), blocks)
     flops = _lapack_flops(jax.make_jaxpr(lambda u, s: function(*u, *s))(
         unit, jax.eval_shape(lambda s: s, shared)).jaxpr)
@@ -238,6 +238,13 @@ def batched(function, blocks, *shared):
     return out, jax.tree.map(lambda _: True, out)
 
   return in_batches(tuple(blocks), tuple(shared))
+
+
+def factored(function, *args):
+  """``function(*args)``, whose LAPACK calls, under an outer vmap (models,
+  seeds), factor one model at a time (``batched`` of one)."""
+  return jax.tree.map(lambda x: x[0], batched(
+      function, jax.tree.map(lambda x: x[None], args)))
 
 
 def _unit_inverses(stats, shift, solver):

@@ -146,6 +146,8 @@ def _mapped(function, over_rows: bool, factors: bool = False, shared=()):
   values ``function`` needs go in ``shared``, not in its closure (a batching
   rule under an outer ``vmap`` sees only its arguments).
   """
+  if factors and not over_rows:
+    return lambda *rows: fisher.factored(function, *rows, *shared)
   if not over_rows:
     return lambda *rows: function(*rows, *shared)
   if factors:
@@ -1570,12 +1572,8 @@ def refresh_group(block, stacked, damping: linalg.Damping, solver,
   """The preconditioners of ``k`` alike blocks stacked on a leading axis (one
   attempt: no retry); with ``refresh_axis`` its devices divide the work."""
   if refresh_axis is None:  # each block on every device
-    if jax.tree.leaves(stacked)[0].shape[0] > 1:  # the layers of a stack
-      return fisher.batched(lambda s, d: block.refresh(s, d, solver),
-                            (stacked,), jax.tree.map(jnp.asarray, damping))
-    unstacked = jax.tree.map(lambda x: x[0], stacked)
-    return jax.tree.map(lambda x: x[None], block.refresh(
-        unstacked, damping, solver))
+    return fisher.batched(lambda s, d: block.refresh(s, d, solver),
+                          (stacked,), jax.tree.map(jnp.asarray, damping))
   return split.on_axis(refresh_axis, lambda *operands: block.refresh_split(
       *operands, solver, refresh_axis), stacked, damping)
 

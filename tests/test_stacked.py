@@ -284,6 +284,24 @@ def per_unit_update():
       grads, tx.init(params), params, acts)
 
 
+def vmapped_update():
+  """Eight models under ``jax.vmap`` (``vmap_axis_name``), blocks of 33 and
+  129 rows, per-unit and softmax: vmap would multiply each call's batch by
+  the models."""
+  tx = sngd_jax.sngd(0.1, momentum=0.9, vmap_axis_name="seeds", layer_fisher={
+      "layer1": "relu", "layer2": "softmax", "*": "linear"})
+
+  def update(key):
+    params = mlp_params(key, [32, 128, 64, 10], jnp.float32)
+    x, labels = blobs(key, 64, 32, 10, jnp.float32)
+    (_, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(
+        params, x, labels)
+    return tx.update(grads, tx.init(params), params, activations=acts)
+
+  return jax.make_jaxpr(jax.vmap(update, axis_name="seeds"))(
+      jax.random.split(jax.random.PRNGKey(0), 8))
+
+
 def stack_refresh(make, solver):
   """The refresh of 12 alike blocks stacked."""
   block = make()
@@ -295,13 +313,13 @@ def stack_refresh(make, solver):
 
 
 @pytest.mark.parametrize("program", [
-    transformer_update, per_unit_update,
+    transformer_update, per_unit_update, vmapped_update,
     *[functools.partial(stack_refresh, make, solver)
       for make in (lambda: sngd_jax.fisher.Linear(40),
                    lambda: sngd_jax.fisher.NystromLinear.for_width(1025, 32, True),
                    lambda: sngd_jax.fisher.Softmax(33, 10))
       for solver in sngd_jax.linalg.SOLVERS]],
-    ids=["transformer", "per-unit", *[f"{kind}-{solver}" for kind in
+    ids=["transformer", "per-unit", "vmap", *[f"{kind}-{solver}" for kind in
          ("linear", "nystrom", "softmax") for solver in sngd_jax.linalg.SOLVERS]])
 def test_every_batched_lapack_call_stays_under_jaxlibs_split_on_cpu(program):
   calls = list(_lapack_calls(program().jaxpr))
