@@ -450,7 +450,7 @@ class Linear(_Block):
     if blocks >= devices:
       mine, index, per = split.my_rows(
           damped, axis, fill=jnp.eye(self.n, dtype=stacked.dtype))
-      inverses = jax.vmap(lambda a: linalg.inverse(a, solver))(mine)
+      inverses = batched(lambda a: linalg.inverse(a, solver), (mine,))
       return split.assemble(inverses, axis, index, per, blocks, dim=0)
     sharing = devices // blocks  # devices per block; the rest idle
     device = jax.lax.axis_index(axis)
@@ -458,7 +458,8 @@ class Linear(_Block):
     per = -(-self.n // sharing)
     columns = share * per + jnp.arange(per)
     rhs = (jnp.arange(self.n)[:, None] == columns[None, :]).astype(stacked.dtype)
-    mine = linalg.inverse(damped[which], solver, rhs)
+    mine = factored(lambda a, rhs: linalg.inverse(a, solver, rhs),
+                    damped[which], rhs)
     mine = jnp.where(device < sharing * blocks, mine, 0.0)  # idle: nothing
     whole = jax.lax.dynamic_update_slice(
         jnp.zeros((blocks, self.n, per * sharing), stacked.dtype),

@@ -160,7 +160,9 @@ def denman_beavers(a, iterations: int = 24):
     # Symmetrize: rounding makes the iterates drift from symmetry.
     return 0.5 * (y_next + y_next.T), 0.5 * (z_next + z_next.T)
 
-  y, z = jax.lax.fori_loop(0, iterations, step, (a / scale, eye))
+  # Z0 made from A: inside shard_map it then varies over the axes A does.
+  y, z = jax.lax.fori_loop(0, iterations, step,
+                           (a / scale, jnp.zeros_like(a) + eye))
   root = jnp.sqrt(scale)
   return y * root, z / root
 

@@ -302,14 +302,16 @@ def vmapped_update():
       jax.random.split(jax.random.PRNGKey(0), 8))
 
 
-def stack_refresh(make, solver):
-  """The refresh of 12 alike blocks stacked."""
+def stack_refresh(make, solver, refresh_axis=None):
+  """The refresh of 12 alike blocks stacked; with ``refresh_axis`` divided
+  among the devices of a one-device mesh."""
   block = make()
   stats = jax.tree.map(lambda x: jnp.broadcast_to(x, (12,) + x.shape),
                        block.init(jnp.float32))
   damping = sngd_jax.linalg.Damping(1e-3, 1e-3, None)
-  return jax.make_jaxpr(lambda s: sngd_jax.transform.refresh_group(
-      block, s, damping, solver))(stats)
+  with jax.set_mesh(jax.make_mesh((1,), ("data",))):
+    return jax.make_jaxpr(lambda s: sngd_jax.transform.refresh_group(
+        block, s, damping, solver, refresh_axis))(stats)
 
 
 @pytest.mark.parametrize("program", [
@@ -318,9 +320,12 @@ def stack_refresh(make, solver):
       for make in (lambda: sngd_jax.fisher.Linear(40),
                    lambda: sngd_jax.fisher.NystromLinear.for_width(1025, 32, True),
                    lambda: sngd_jax.fisher.Softmax(33, 10))
-      for solver in sngd_jax.linalg.SOLVERS]],
+      for solver in sngd_jax.linalg.SOLVERS],
+    *[functools.partial(stack_refresh, lambda: sngd_jax.fisher.Linear(40),
+                        solver, "data") for solver in sngd_jax.linalg.SOLVERS]],
     ids=["transformer", "per-unit", "vmap", *[f"{kind}-{solver}" for kind in
-         ("linear", "nystrom", "softmax") for solver in sngd_jax.linalg.SOLVERS]])
+         ("linear", "nystrom", "softmax", "linear-divided")
+         for solver in sngd_jax.linalg.SOLVERS]])
 def test_every_batched_lapack_call_stays_under_jaxlibs_split_on_cpu(program):
   calls = list(_lapack_calls(program().jaxpr))
   assert calls
