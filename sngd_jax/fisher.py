@@ -201,11 +201,8 @@ def _lapack_flops(jaxpr) -> float:
       largest = max(largest, rhs[-2] * rhs[-1] * shape[-1])
     elif name in _FACTORIZATIONS:
       largest = max(largest, 9.0 * max(shape[-2:]) ** 3)
-    for value in eqn.params.values():
-      for inner in value if isinstance(value, (list, tuple)) else [value]:
-        inner = getattr(inner, "jaxpr", inner)
-        if isinstance(inner, jax.extend.core.Jaxpr):
-          largest = max(largest, _lapack_flops(inner))
+    for inner in jax.extend.core.jaxprs_in_params(eqn.params):
+      largest = max(largest, _lapack_flops(getattr(inner, "jaxpr", inner)))
   return largest
 
 

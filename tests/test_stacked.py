@@ -246,11 +246,8 @@ def _lapack_calls(jaxpr):
       yield name, batch, 5 * shape[-1] ** 3
     elif name == "lu":
       yield name, batch, shape[-1] ** 3
-    for value in eqn.params.values():
-      for inner in value if isinstance(value, (list, tuple)) else [value]:
-        inner = getattr(inner, "jaxpr", inner)
-        if isinstance(inner, jax.extend.core.Jaxpr):
-          yield from _lapack_calls(inner)
+    for inner in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _lapack_calls(getattr(inner, "jaxpr", inner))
 
 
 def transformer_update():
