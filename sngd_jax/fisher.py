@@ -193,7 +193,8 @@ def _lapack_flops(jaxpr) -> float:
   jaxprs included (0 without one)."""
   largest = 0.0
   for eqn in jaxpr.eqns:
-    name, shape = eqn.primitive.name, eqn.invars[0].aval.shape if eqn.invars else ()
+    name = eqn.primitive.name
+    shape = eqn.invars[0].aval.shape if eqn.invars else ()
     if name == "cholesky":
       largest = max(largest, shape[-1] ** 3 / 3)
     elif name == "triangular_solve":
