@@ -194,7 +194,7 @@ def _lapack_flops(jaxpr) -> float:
   largest = 0.0
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
-    shape = eqn.invars[0].aval.shape if eqn.invars else ()
+    shape: tuple[int, ...] = eqn.invars[0].aval.shape if eqn.invars else ()
     if name == "cholesky":
       largest = max(largest, shape[-1] ** 3 / 3)
     elif name == "triangular_solve":
