@@ -403,6 +403,16 @@ class _Block:
     del axis
     return self.refresh(stats, damping, solver)
 
+  def padding_family(self) -> tuple | None:
+    """Blocks of one family and several sizes are refreshed as one batch,
+    padded with zeros to the largest (``pad``, ``own``, ``cut``); ``None``:
+    this kind is refreshed only with blocks of its own size."""
+    return None
+
+  def refresh_cost(self) -> float:
+    """About the FLOPs of one block's refresh (0: not counted)."""
+    return 0.0
+
   def apply(self, precond, g, entry):
     del entry
     return self.apply_matrix(precond, g)
@@ -435,8 +445,29 @@ class Linear(_Block):
     return augmented_moment(materialized(entry["inputs"]), self.n, dtype,
                             row_weights(entry, dtype, with_slopes=True))
 
-  def refresh(self, stats, damping, solver):
-    return linalg.inverse(linalg.damped(stats, damping), solver)
+  def refresh(self, stats, damping, solver, own=None):
+    """The damped inverse; ``own`` (``self.own()`` of a smaller block whose
+    ``stats`` come padded to this size) damps the block as its own size."""
+    size = None if own is None else own["size"]
+    return linalg.inverse(linalg.damped(stats, damping, size), solver)
+
+  def padding_family(self):
+    return ("linear",)
+
+  def refresh_cost(self):
+    return 3.0 * self.n ** 3  # a Cholesky and two triangular solves
+
+  def own(self) -> dict:
+    return {"size": np.int32(self.n)}
+
+  def pad(self, tree, to: Linear):
+    """Statistics or preconditioners ``(..., n, n)`` padded with zeros to ``to``'s size."""
+    extra = to.n - self.n
+    return jnp.pad(tree, [(0, 0)] * (tree.ndim - 2) + [(0, extra)] * 2)
+
+  def cut(self, tree):
+    """``pad``'s inverse."""
+    return tree[..., :self.n, :self.n]
 
   def refresh_split(self, stacked, damping, solver, axis):
     """``k`` blocks ``(k, n, n)`` on ``D`` devices: with ``k >= D`` each
@@ -508,14 +539,47 @@ class NystromLinear(_Block):
     return {"columns": batch_mean("ni,nj->ij", xt, xt[:, np.array(self.columns)]),
             "diagonal": jnp.mean(xt * xt, axis=0)}
 
-  def refresh(self, stats, damping, solver, axis=None):
+  def refresh(self, stats, damping, solver, axis=None, own=None):
     del solver  # Woodbury needs one m x m Cholesky, whatever the solver.
+    size, columns = (None, np.array(self.columns)) if own is None else (
+        own["size"], own["columns"])
     # The cap is taken from the approximation's own spectrum, after it.
-    shift = damping.uncapped().shift(jnp.sum(stats["diagonal"]), self.n)
+    shift = damping.uncapped().shift(jnp.sum(stats["diagonal"]),
+                                     self.n if size is None else size)
     basis, core, shift = linalg.nystrom_factors(
-        stats["columns"], np.array(self.columns), shift, stats["diagonal"],
-        axis, damping.max_condition)
+        stats["columns"], columns, shift, stats["diagonal"], axis,
+        damping.max_condition, size)
     return {"basis": basis, "core": core, "shift": shift}
+
+  def padding_family(self):
+    return ("nystrom", len(self.columns))
+
+  def refresh_cost(self):
+    rank = len(self.columns)
+    return 6.0 * self.n * rank ** 2 + 10.0 * rank ** 3
+
+  def own(self) -> dict:
+    return {"size": np.int32(self.n),
+            "columns": np.array(self.columns, np.int32)}
+
+  # The arrays with a row per input feature: the statistics' columns and
+  # diagonal, the preconditioner's basis; the axis of those rows.
+  _ROWS = {"columns": -2, "diagonal": -1, "basis": -2}
+
+  def pad(self, tree, to: NystromLinear):
+    """Statistics or preconditioners padded with zero rows to ``to``'s size."""
+    def padded(key, x):
+      if key not in self._ROWS:
+        return x
+      widths = [(0, 0)] * x.ndim
+      widths[self._ROWS[key]] = (0, to.n - self.n)
+      return jnp.pad(x, widths)
+    return {key: padded(key, x) for key, x in tree.items()}
+
+  def cut(self, tree):
+    """``pad``'s inverse."""
+    return {key: jax.lax.slice_in_dim(x, 0, self.n, axis=self._ROWS[key] % x.ndim)
+            if key in self._ROWS else x for key, x in tree.items()}
 
   def refresh_part(self, stats, damping, solver, axis):
     # Each device computes its rows of the basis.

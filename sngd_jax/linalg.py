@@ -97,11 +97,17 @@ def largest_eigenvalue(g, iterations: int = 16):
   return jnp.vdot(v, g @ v)
 
 
-def damped(g, damping: Damping):
-  """``g + damping.shift(trace(g), dim) * I``."""
-  dim = g.shape[-1]
+def damped(g, damping: Damping, dim=None):
+  """``g + damping.shift(trace(g), dim) * I``; ``dim`` (may be traced) where
+  ``g`` is a smaller block padded with zeros (its own size), else its size.
+
+  Padded, the block's own corner is damped as it would be alone (the zeros
+  change neither its trace nor its largest eigenvalue) and inverts
+  independently of the rest, a multiple of ``I``.
+  """
+  dim = g.shape[-1] if dim is None else dim
   shift = damping.shift(jnp.trace(g), dim, lambda: largest_eigenvalue(g))
-  return g + shift * jnp.eye(dim, dtype=g.dtype)
+  return g + shift * jnp.eye(g.shape[-1], dtype=g.dtype)
 
 
 def _identity_if_none(a, rhs):
@@ -223,7 +229,7 @@ def output_roots(mean, weight, power, eigenvalue_range):
 
 @full_precision
 def nystrom_factors(columns, column_index, shift, diagonal=None,
-                    axis_name=None, max_condition=None):
+                    axis_name=None, max_condition=None, size=None):
   """Woodbury factors of ``(shift * I + C W^+ C^T)^{-1}``.
 
   The Nystrom approximation of a PSD matrix G from m of its columns
@@ -249,6 +255,8 @@ def nystrom_factors(columns, column_index, shift, diagonal=None,
       the O(n m^2) products by rows; the result is whole on every device.
     max_condition: adds ``lambda_max(B B^T) / max_condition`` to the shift
       (``Damping``'s cap; ``B B^T`` has ``B^T B``'s nonzero eigenvalues).
+    size: G's own size (may be traced) where ``columns`` and ``diagonal``
+      are padded with zero rows; the padded rows of ``B`` are zero.
 
   Returns:
     ``(basis, core, shift)``: ``B (n, m)``, ``(shift I + B^T B)^{-1} (m, m)``
@@ -270,7 +278,8 @@ def nystrom_factors(columns, column_index, shift, diagonal=None,
                                   axis_name)
   if diagonal is not None:
     residual = jnp.sum(diagonal) - captured
-    shift = shift + jnp.maximum(residual, 0.0) / max(n - m, 1)
+    missed = max(n - m, 1) if size is None else jnp.maximum(size - m, 1)
+    shift = shift + jnp.maximum(residual, 0.0) / missed
   if max_condition is not None:
     shift = shift + largest_eigenvalue(gram) / max_condition
   eye = jnp.eye(m, dtype=w.dtype)

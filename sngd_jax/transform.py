@@ -1197,11 +1197,12 @@ def scale_by_sngd(
   def refreshed_blocks(state, stacks, stats, weight, refresh, divide_over):
     """``(preconditioners, faults)``, refreshed where ``refresh``.
 
-    A cond per block kind and size (one cond around all of them, each with
-    its retry inside, deadlocks XLA:CPU's concurrent scheduler in jax
-    0.10.2): the alike blocks of all its stacks (a transformer's q/k/v/out
-    and MLP inputs of one width) are refreshed as one batch, which
-    ``divide_over`` (refresh_axis, resolved) divides among its devices.
+    A cond per block kind and size (one cond around all of them hung
+    XLA:CPU in jax 0.10.2, before the batched LAPACK calls were kept under
+    jaxlib's split): the alike blocks of all its stacks (a transformer's
+    q/k/v/out and MLP inputs of one width; smaller blocks of the family
+    padded to the largest, ``_refresh_groups``) are refreshed as one batch,
+    which ``divide_over`` (refresh_axis, resolved) divides among its devices.
     """
     # Until the EMA's weight nears 1 the Fisher is shrunk toward its mean
     # eigenvalue times I (as an EMA started at that multiple of I would be):
@@ -1210,15 +1211,24 @@ def scale_by_sngd(
     warm_damping = (relative_damping + 1 - weight) / jnp.maximum(weight, 1e-30)
     preconditioners, faults = dict(state.preconditioners), jnp.zeros(
         [], jnp.int32)
-    for group in _refresh_groups(stacks, stats):
-      def refreshed(group=group):
-        old = _group_rows(group, state.preconditioners)
+    roots_cost = sum(9.0 * stack.layers[0].d_out ** 3 * max(stack.lead, default=1)
+                     for stack in stacks if with_output_factor(stack.layers[0]))
+    # Padded groups are not divided among devices (each device's share is
+    # cut by block rows and sizes).
+    for group in _refresh_groups(stacks, stats, divide_over is None,
+                                 roots_cost):
+      own = _group_own(group)
+      block = group[0].block if own is None else _group_block(group)
+      padded_to = None if own is None else block
+
+      def refreshed(group=group, own=own, block=block, padded_to=padded_to):
+        old = _group_rows(group, state.preconditioners, padded_to)
         fresh, faults = _refreshed(
-            group[0].block, _group_rows(group, stats), old,
+            block, _group_rows(group, stats, padded_to), old,
             linalg.Damping(damping, warm_damping.astype(
                 jax.tree.leaves(old)[0].dtype), max_condition),
-            solver, weight > 0, for_every_model, divide_over)
-        return _group_parts(group, fresh), faults
+            solver, weight > 0, for_every_model, divide_over, own)
+        return _group_parts(group, fresh, own is not None), faults
 
       with jax.named_scope(f"sngd/{group[0].name}/refresh"):
         fresh, group_faults = jax.lax.cond(
@@ -1522,22 +1532,87 @@ def _groups(stacks: list[Stack], blocks, key) -> list[list[Stack]]:
   return list(groups.values())
 
 
-def _refresh_groups(stacks: list[Stack], stats) -> list[list[Stack]]:
-  """Stacks with the same block (kind and size), whatever their outputs."""
-  return _groups(stacks, stats, lambda stack: stack.block)
+# Blocks of one family (exact linear, Nystrom of one rank) and several sizes
+# are refreshed as one batch padded to the largest where that adds at most
+# this share to the refresh's FLOPs: each size's refresh is a program of its
+# own (a ResNet-18's nine sizes of convolution blocks: ~0.25 s of compile
+# time each, docs/experiments.md).
+_PADDING_SHARE = 0.05
 
 
-def _group_rows(group: list[Stack], blocks):
-  """A group's blocks as one batch: every stack's rows, in turn."""
+def _refresh_groups(stacks: list[Stack], stats, pad: bool,
+                    other_cost: float = 0.0) -> list[list[Stack]]:
+  """Stacks with the same block (kind and size), whatever their outputs;
+  with ``pad``, the groups of a padding family merged into its largest
+  size's while the padding costs at most ``_PADDING_SHARE`` of the refresh
+  (the blocks' and ``other_cost``, the output factors')."""
+  groups = _groups(stacks, stats, lambda stack: stack.block)
+  if not pad:
+    return groups
+
+  def rows(group):
+    return sum(max(stack.lead, default=1) for stack in group)
+
+  budget = _PADDING_SHARE * (other_cost + sum(
+      rows(group) * group[0].block.refresh_cost() for group in groups))
+  families: dict[tuple, list[list[Stack]]] = {}
+  for group in groups:
+    family = group[0].block.padding_family()
+    dtype = jax.tree.leaves(stats[group[0].key])[0].dtype
+    key = (family, dtype) if family else (id(group),)
+    families.setdefault(key, []).append(group)
+  merged = []
+  for members in families.values():
+    if len(members) == 1:
+      merged += members
+      continue
+    largest = max(members, key=lambda group: group[0].block.n)
+    joined = list(largest)
+    for group in sorted(members, key=lambda group: rows(group) * (
+        largest[0].block.refresh_cost() - group[0].block.refresh_cost())):
+      if group is largest:
+        continue
+      extra = rows(group) * (largest[0].block.refresh_cost()
+                             - group[0].block.refresh_cost())
+      if extra <= budget:
+        budget -= extra
+        joined += group
+      else:
+        merged.append(group)
+    merged.append(joined)
+  return merged
+
+
+def _group_block(group: list[Stack]):
+  """The block a group is refreshed as: its largest."""
+  return max((stack.block for stack in group), key=lambda block: block.n)
+
+
+def _group_rows(group: list[Stack], blocks, to=None):
+  """A group's blocks as one batch: every stack's rows, in turn; each padded
+  to the block ``to`` where it is smaller."""
   return jax.tree.map(lambda *xs: jnp.concatenate(xs), *[
-      stack.batch(blocks[stack.key]) for stack in group])
+      stack.block.pad(stack.batch(blocks[stack.key]), to)
+      if to is not None and stack.block != to
+      else stack.batch(blocks[stack.key]) for stack in group])
 
 
-def _group_parts(group: list[Stack], batch) -> list:
+def _group_own(group: list[Stack]):
+  """What the refresh of a group padded to its largest block needs of each
+  row's own block (``fisher``'s ``own``), or None where all are alike."""
+  if all(stack.block == group[0].block for stack in group):
+    return None
+  return jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *[
+      stack.block.own() for stack in group
+      for _ in range(max(stack.lead, default=1))])
+
+
+def _group_parts(group: list[Stack], batch, padded: bool = False) -> list:
   """``_group_rows``' inverse: each stack's part, in its own layout."""
   parts = _consecutive_rows(batch, [max(stack.lead, default=1)
                                     for stack in group])
-  return [stack.unbatch(part) for stack, part in zip(group, parts)]
+  return [stack.unbatch(stack.block.cut(part) if padded else part)
+          for stack, part in zip(group, parts)]
 
 
 def takes_output_factor(layer: Layer) -> bool:
@@ -1568,9 +1643,13 @@ def output_factor_roots(means, rate, refresh_axis=None):
 
 
 def refresh_group(block, stacked, damping: linalg.Damping, solver,
-                  refresh_axis=None):
+                  refresh_axis=None, own=None):
   """The preconditioners of ``k`` alike blocks stacked on a leading axis (one
-  attempt: no retry); with ``refresh_axis`` its devices divide the work."""
+  attempt: no retry); with ``refresh_axis`` its devices divide the work;
+  ``own``: each row's own block (``_group_own``) where they are padded."""
+  if own is not None:
+    return fisher.batched(lambda s, o, d: block.refresh(s, d, solver, own=o),
+                          (stacked, own), jax.tree.map(jnp.asarray, damping))
   if refresh_axis is None:  # each block on every device
     return fisher.batched(lambda s, d: block.refresh(s, d, solver),
                           (stacked,), jax.tree.map(jnp.asarray, damping))
@@ -1592,7 +1671,7 @@ def _where_blocks(keep, new, old):
 
 
 def _refreshed(block, stats, old, damping: linalg.Damping, solver, valid,
-               for_every_model, refresh_axis=None):
+               for_every_model, refresh_axis=None, own=None):
   """New damped inverses of ``k`` alike blocks stacked on a leading axis.
 
   A non-finite one is retried with more damping, then rejected. Returns the
@@ -1612,7 +1691,7 @@ def _refreshed(block, stats, old, damping: linalg.Damping, solver, valid,
         block, stats, damping._replace(
             absolute=jnp.asarray(damping.absolute * boost),
             relative=jnp.maximum(damping.relative * boost, floor)),
-        solver, refresh_axis),
+        solver, refresh_axis, own),
         old)
     return fresh, _finite_blocks(fresh)
 

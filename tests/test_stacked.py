@@ -270,13 +270,13 @@ def transformer_update():
       grads, tx.init(params), params, acts)
 
 
-def per_unit_update():
-  """A per-unit (relu) layer of 64 blocks of 33 with momentum."""
-  params = mlp_params(jax.random.PRNGKey(0), [32, 64, 10], jnp.float32)
-  x, labels = blobs(jax.random.PRNGKey(1), 64, 32, 10, jnp.float32)
+def mlp_update(sizes, **options):
+  """The jaxpr of an MLP's update with momentum."""
+  params = mlp_params(jax.random.PRNGKey(0), sizes, jnp.float32)
+  x, labels = blobs(jax.random.PRNGKey(1), 64, sizes[0], sizes[-1], jnp.float32)
   (_, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(
       params, x, labels)
-  tx = sngd_jax.sngd(0.1, momentum=0.9, layer_fisher="relu")
+  tx = sngd_jax.sngd(0.1, momentum=0.9, **options)
   return jax.make_jaxpr(lambda g, s, p, a: tx.update(g, s, p, activations=a))(
       grads, tx.init(params), params, acts)
 
@@ -312,7 +312,12 @@ def stack_refresh(make, solver, refresh_axis=None):
 
 
 @pytest.mark.parametrize("program", [
-    transformer_update, per_unit_update, vmapped_update,
+    transformer_update,
+    # A per-unit (relu) layer of 64 blocks of 33.
+    functools.partial(mlp_update, [32, 64, 10], layer_fisher="relu"),
+    # Exact blocks of 27, 301 and 21 rows padded to 301 (1000-output roots).
+    functools.partial(mlp_update, [26, 300, 20, 1000], nystrom=None),
+    vmapped_update,
     *[functools.partial(stack_refresh, make, solver)
       for make in (lambda: sngd_jax.fisher.Linear(40),
                    lambda: sngd_jax.fisher.NystromLinear.for_width(1025, 32, True),
@@ -320,7 +325,7 @@ def stack_refresh(make, solver, refresh_axis=None):
       for solver in sngd_jax.linalg.SOLVERS],
     *[functools.partial(stack_refresh, lambda: sngd_jax.fisher.Linear(40),
                         solver, "data") for solver in sngd_jax.linalg.SOLVERS]],
-    ids=["transformer", "per-unit", "vmap", *[f"{kind}-{solver}" for kind in
+    ids=["transformer", "per-unit", "padded", "vmap", *[f"{kind}-{solver}" for kind in
          ("linear", "nystrom", "softmax", "linear-divided")
          for solver in sngd_jax.linalg.SOLVERS]])
 def test_every_batched_lapack_call_stays_under_jaxlibs_split_on_cpu(program):
@@ -328,3 +333,65 @@ def test_every_batched_lapack_call_stays_under_jaxlibs_split_on_cpu(program):
   assert calls
   batched = [(name, batch, cost) for name, batch, cost in calls if batch > 1]
   assert all(batch * cost < JAXLIB_SPLIT for _, batch, cost in batched), batched
+
+
+def refresh_groups_seen(monkeypatch):
+  """The block sizes of each refresh group of the updates traced after this
+  call (a spy on ``transform._refresh_groups``)."""
+  seen = []
+  plan = sngd_jax.transform._refresh_groups
+
+  def spy(*args):
+    groups = plan(*args)
+    seen.append([sorted({stack.block.n for stack in group}) for group in groups])
+    return groups
+
+  monkeypatch.setattr(sngd_jax.transform, "_refresh_groups", spy)
+  return seen
+
+
+@pytest.mark.parametrize("nystrom,solver", [
+    (None, "cholesky"), (None, "eigh"), (None, "denman_beavers"),
+    (sngd_jax.Nystrom(rank=4, min_dim=8), "cholesky")])
+def test_blocks_padded_to_their_familys_largest_refresh_as_their_own_size(
+    monkeypatch, nystrom, solver):
+  """Exact blocks of 7, 10, 13 and 21 rows (or Nystrom blocks of 10, 13 and
+  21 of rank 4) refreshed as one batch padded with zeros to the largest give
+  each its own preconditioner: its own damping, trace and largest
+  eigenvalue, its own Nystrom columns and spectral shift."""
+  params = mlp_params(jax.random.PRNGKey(0), [12, 20, 6, 9, 4])
+  x, labels = blobs(jax.random.PRNGKey(1), n=64, d=12)
+  (_, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(
+      params, x, labels)
+  seen = refresh_groups_seen(monkeypatch)
+  results = []
+  for share in (0.0, np.inf):  # none padded; all padded
+    monkeypatch.setattr(sngd_jax.transform, "_PADDING_SHARE", share)
+    tx = sngd_jax.sngd(0.1, momentum=0.9, nystrom=nystrom, solver=solver,
+                       stats_every=1, inverse_every=1)
+    state = tx.init(params)
+    for _ in range(3):
+      updates, state = tx.update(grads, state, params, activations=acts)
+    results.append((updates, state[0].preconditioners))
+  separate, padded = seen[0], seen[-1]
+  assert len(padded) < len(separate) and max(map(len, padded)) >= 3, seen
+  rtol = 1e-6 if solver == "denman_beavers" else 1e-10
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=rtol,
+                                 atol=rtol), results[0], results[1])
+
+
+def test_padding_is_chosen_where_it_adds_little_to_the_refresh(monkeypatch):
+  """The default pads small exact blocks beside a refresh that 1000-output
+  roots dominate, and not the paper's MLP's 81-row blocks to its 785."""
+  seen = refresh_groups_seen(monkeypatch)
+  for sizes in ([26, 300, 20, 1000], [784, 80, 80, 80, 10]):
+    params = mlp_params(jax.random.PRNGKey(0), sizes, jnp.float32)
+    x, labels = blobs(jax.random.PRNGKey(1), n=8, d=sizes[0], classes=sizes[-1],
+                      dtype=jnp.float32)
+    (_, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(
+        params, x, labels)
+    tx = sngd_jax.sngd(0.1, nystrom=None)
+    jax.eval_shape(functools.partial(tx.update, activations=acts), grads,
+                   tx.init(params), params)
+  assert sorted(seen[0]) == [[21, 27, 301]], seen
+  assert sorted(seen[1]) == [[81], [785]], seen
