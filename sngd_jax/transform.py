@@ -70,7 +70,7 @@ class ScaleBySNGDState(NamedTuple):
   stats: dict[str, Any]  # Zero-started EMA local Fisher per stack: (rows, ...) or one layer's shapes in ``sngd_jax.fisher``.
   preconditioners: dict[str, Any]  # Damped inverses per stack, refreshed every ``inverse_every``.
   stats_faults: jax.Array  # int32 (): batches whose statistic was not finite (skipped).
-  inverse_faults: jax.Array  # int32 (): refreshes that failed (retried, else last good kept).
+  inverse_faults: jax.Array  # int32 (): refreshes that failed (last good kept; retried if uncapped).
   clipped: jax.Array  # int32 (): steps whose direction ``kl_clip`` shortened.
   momentum: Any  # params-shaped heavy-ball buffer ``m``; None without ``momentum``.
   momentum_norm: jax.Array  # float32 (): ``|m|_G^2``, the buffer's squared length in the blocks' metric.
@@ -1674,11 +1674,15 @@ def _refreshed(block, stats, old, damping: linalg.Damping, solver, valid,
                for_every_model, refresh_axis=None, own=None):
   """New damped inverses of ``k`` alike blocks stacked on a leading axis.
 
-  A non-finite one is retried with more damping, then rejected. Returns the
+  A non-finite one is rejected (the last good preconditioner kept); without
+  a condition cap it is first retried with more damping. Returns the
   preconditioners and how many first attempts failed. A block too close to
   singular for its damping is the usual cause, so one retry uses 100x the
-  absolute damping and at least 1e-3 relative damping; if that fails too, the
-  last good preconditioner is kept. Statistics that are not ``valid`` (none
+  absolute damping and at least 1e-3 relative damping. Under a cap
+  (``damping.max_condition``) a finite block's damped condition number is at
+  most about the cap, which every solver meets in float32, so a failure
+  there comes from values no damping cures (an overflowing trace) and the
+  retry, a second copy of the refresh's program, is left out. Statistics that are not ``valid`` (none
   taken yet) keep the old preconditioners. ``for_every_model`` makes the
   decision to retry once for all models under vmap (each keeps its own
   result). With ``refresh_axis`` the devices of that axis share each attempt
@@ -1694,6 +1698,12 @@ def _refreshed(block, stats, old, damping: linalg.Damping, solver, valid,
         solver, refresh_axis, own),
         old)
     return fresh, _finite_blocks(fresh)
+
+  if damping.max_condition is not None:
+    with jax.named_scope("refresh"):
+      fresh, ok = attempt(1.0, 0.0)
+      return (_where_blocks(ok & valid, fresh, old),
+              jnp.sum(~ok).astype(jnp.int32))
 
   # The retry is the loop's second iteration: the refresh's program (a
   # batch of factorizations and power iterations) is compiled once.

@@ -207,8 +207,7 @@ def test_vmap_over_models_equals_the_loop_and_keeps_its_conditionals(layer_fishe
     return jax.make_jaxpr(jax.vmap(update, axis_name="models"))(
         stack(grads), jax.vmap(tx.init)(params), params, stack(acts)).jaxpr
 
-  # Statistics, one refresh per layer (its retry is a loop's second
-  # iteration), the output factors' statistics and one refresh per layer
+  # Statistics, one refresh per layer, the output factors' statistics and one refresh per layer
   # (linear blocks have them), the momentum buffer's remeasure at a refresh:
   # conditionals, not selects that would run them at every step.
   output_factor_conds = 1 + 2 if layer_fisher == "linear" else 0

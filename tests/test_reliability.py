@@ -73,7 +73,8 @@ def test_degenerate_batches_give_finite_updates(name, make):
 
 
 def test_failed_inverse_keeps_the_last_good_one_and_is_counted():
-  """A zero block with no damping at all: even the retry fails."""
+  """A zero block with no damping at all, under the default cap (one
+  attempt; uncapped, the retry fails too)."""
   params = {"dense": {"kernel": jnp.ones((4, 2), jnp.float32)}}  # no bias
   grads = {"dense": {"kernel": jnp.ones((4, 2), jnp.float32)}}
   # Arrays bypass the option checks (as inject_hyperparams' do).
