@@ -7,8 +7,9 @@ and run by ``nnx.scan`` (scanned). For each optimizer, in one process:
 
 - ``update``: seconds to compile ``tx.update`` alone (jitted, on the
   gradients' and activations' shapes), and its optimized HLO's lines;
-- ``step``: seconds to compile the whole training step (forward, capture,
-  backward, update);
+- ``step``: seconds to lower and compile the whole training step (forward,
+  capture, backward, update), without running it (its first call runs a
+  refresh);
 - ``ms``: the steady step (median of ``--steps`` calls after two warm-ups,
   statistics and refreshes at their default intervals).
 
@@ -128,9 +129,10 @@ def measure(blocks, scanned, name, steps):
     return loss
 
   start = time.perf_counter()
-  jax.block_until_ready(train_step(model, optimizer))
+  train_step.lower(model, optimizer).compile()
   step_s = time.perf_counter() - start
-  jax.block_until_ready(train_step(model, optimizer))
+  for _ in range(2):  # compiles again (the call's own cache), then a refresh
+    jax.block_until_ready(train_step(model, optimizer))
   times = []
   for _ in range(steps):
     start = time.perf_counter()
@@ -176,8 +178,11 @@ def measure_resnet(name, steps, batch=8, size=32):
     return optax.apply_updates(params, updates), batch_stats, state, loss
 
   start = time.perf_counter()
-  carry = jax.block_until_ready(train_step(params, batch_stats, state))[:3]
+  train_step.lower(params, batch_stats, state).compile()
   step_s = time.perf_counter() - start
+  carry = params, batch_stats, state
+  for _ in range(2):
+    carry = jax.block_until_ready(train_step(*carry))[:3]
   times = []
   for _ in range(steps):
     start = time.perf_counter()

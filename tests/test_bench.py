@@ -163,6 +163,26 @@ def test_gpu_script_dry_run_prints_its_table():
   assert rows == ["sngd", "adamw", "muon"], result.stdout
 
 
+def test_compile_and_step_benchmark_prints_a_row_per_model_and_optimizer():
+  # benchmarks/compile_and_step.py on one-block GPTs, one step: the script
+  # the README's compile-time numbers come from runs end to end.
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  script = Path(__file__).parents[1] / "benchmarks" / "compile_and_step.py"
+  result = subprocess.run(
+      [sys.executable, str(script), "--blocks", "1", "--optimizers", "sngd",
+       "adamw", "--steps", "1"], capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [[cell.strip() for cell in line.split("|")[1:3]]
+          for line in result.stdout.splitlines() if "blocks, " in line]
+  assert rows == [["1 blocks, unrolled", "sngd"], ["1 blocks, unrolled", "adamw"],
+                  ["1 blocks, scanned", "sngd"], ["1 blocks, scanned", "adamw"]
+                  ], result.stdout
+
+
 def test_python_sources_are_windows_of_the_standard_library():
   dataset = data.python_sources(context=32, characters=200_000)
   assert dataset.x_train.shape[1] == 32
