@@ -5,8 +5,9 @@ of several depths, written both ways a Flax user writes them: a Python loop
 over an ``nnx.List`` of blocks (unrolled) and blocks made by ``nnx.vmap``
 and run by ``nnx.scan`` (scanned). For each optimizer, in one process:
 
-- ``update``: seconds to compile ``tx.update`` alone (jitted, on the
-  gradients' and activations' shapes), and its optimized HLO's lines;
+- ``update``: seconds to trace, lower and compile ``tx.update`` alone
+  (jitted, on the gradients' and activations' shapes; ``tx.init`` not
+  counted), and its optimized HLO's lines;
 - ``step``: seconds to lower and compile the whole training step (forward,
   capture, backward, update), without running it (its first call runs a
   refresh);
@@ -15,8 +16,9 @@ and run by ``nnx.scan`` (scanned). For each optimizer, in one process:
 
     python benchmarks/compile_and_step.py --blocks 2 6 12 --forms unrolled scanned
 
-Compile times are wall-clock on this machine (XLA:CPU compiles on one
-thread); ratios against AdamW are what carry to other machines.
+Compile times are wall-clock on this machine (XLA:CPU compiles a program's
+kernels on a couple of threads); ratios against AdamW are what carry to
+other machines.
 """
 
 from __future__ import annotations
@@ -96,9 +98,10 @@ def update_compile(tx, grads, params, acts, needs_activations):
   """Seconds to compile ``tx.update`` alone on these shapes, and its
   optimized HLO's lines."""
   extra = {"activations": acts} if needs_activations else {}
+  state = jax.block_until_ready(tx.init(params))
   start = time.perf_counter()
   compiled = jax.jit(lambda g, s, p, e: tx.update(g, s, p, **e)).lower(
-      grads, tx.init(params), params, extra).compile()
+      grads, state, params, extra).compile()
   return time.perf_counter() - start, compiled.as_text().count("\n")
 
 
