@@ -1221,10 +1221,11 @@ def scale_by_sngd(
     warm_damping = (relative_damping + 1 - weight) / jnp.maximum(weight, 1e-30)
     preconditioners, faults = dict(state.preconditioners), jnp.zeros(
         [], jnp.int32)
+    # The output factors' roots (an eigh each, ~9 d^3) in the refresh's cost.
     roots_cost = sum(9.0 * stack.layers[0].d_out ** 3 * max(stack.lead, default=1)
                      for stack in stacks if with_output_factor(stack.layers[0]))
-    # Padded groups are not divided among devices (each device's share is
-    # cut by block rows and sizes).
+    # Under refresh_axis the sizes stay apart: the divided refresh cuts each
+    # block's columns by its own size.
     for group in _refresh_groups(stacks, stats, divide_over is None,
                                  roots_cost):
       own = _group_own(group)
@@ -1577,15 +1578,17 @@ def _refresh_groups(stacks: list[Stack], stats, pad: bool,
       merged += members
       continue
     largest = max(members, key=lambda group: group[0].block.n)
+
+    def padding_cost(group, largest=largest):
+      return rows(group) * (largest[0].block.refresh_cost()
+                            - group[0].block.refresh_cost())
+
     joined = list(largest)
-    for group in sorted(members, key=lambda group: rows(group) * (
-        largest[0].block.refresh_cost() - group[0].block.refresh_cost())):
+    for group in sorted(members, key=padding_cost):  # cheapest first
       if group is largest:
         continue
-      extra = rows(group) * (largest[0].block.refresh_cost()
-                             - group[0].block.refresh_cost())
-      if extra <= budget:
-        budget -= extra
+      if padding_cost(group) <= budget:
+        budget -= padding_cost(group)
         joined += group
       else:
         merged.append(group)
@@ -1692,10 +1695,10 @@ def _refreshed(block, stats, old, damping: linalg.Damping, solver, valid,
   (``damping.max_condition``) a finite block's damped condition number is at
   most about the cap, which every solver meets in float32, so a failure
   there comes from values no damping cures (an overflowing trace) and the
-  retry, a second copy of the refresh's program, is left out. Statistics that are not ``valid`` (none
-  taken yet) keep the old preconditioners. ``for_every_model`` makes the
-  decision to retry once for all models under vmap (each keeps its own
-  result). With ``refresh_axis`` the devices of that axis share each attempt
+  retry, a second copy of the refresh's program, is left out. Statistics
+  that are not ``valid`` (none taken yet) keep the old preconditioners.
+  ``for_every_model`` makes the decision to retry once for all models under
+  vmap (each keeps its own result). With ``refresh_axis`` the devices of that axis share each attempt
   (``sngd_jax.split``); every device gets the whole result, so they all take
   the same decisions.
   """
