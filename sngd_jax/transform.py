@@ -1660,12 +1660,12 @@ def refresh_group(block, stacked, damping: linalg.Damping, solver,
   """The preconditioners of ``k`` alike blocks stacked on a leading axis (one
   attempt: no retry); with ``refresh_axis`` its devices divide the work;
   ``own``: each row's own block (``_group_own``) where they are padded."""
-  if own is not None:
-    return fisher.batched(lambda s, o, d: block.refresh(s, d, solver, own=o),
-                          (stacked, own), jax.tree.map(jnp.asarray, damping))
-  if refresh_axis is None:  # each block on every device
-    return fisher.batched(lambda s, d: block.refresh(s, d, solver),
-                          (stacked,), jax.tree.map(jnp.asarray, damping))
+  if refresh_axis is None or own is not None:  # each block on every device
+    def refreshed(s, o, d):
+      return block.refresh(s, d, solver, **({} if o is None else {"own": o}))
+
+    return fisher.batched(refreshed, (stacked, own),
+                          jax.tree.map(jnp.asarray, damping))
   return split.on_axis(refresh_axis, lambda *operands: block.refresh_split(
       *operands, solver, refresh_axis), stacked, damping)
 
