@@ -32,7 +32,10 @@ array leading with the layer axis ``(layers, B, ..., d)`` and marked
 function checkpointed before the capture began are not captured: they get the
 plain gradient, and the transform's warning names them. An entry recorded
 inside a scan over time carries ``"scanned": fisher.Scanned()`` (a static
-pytree node): ``weight_sharing="auto"`` expands those.
+pytree node): ``weight_sharing="auto"`` expands those. Every entry the
+captures return carries ``"captured": fisher.Captured()``: the transform
+ignores such an entry where the params have no layer (one frozen by
+``nnx.Optimizer``'s ``wrt``), while a hand-built entry there raises.
 """
 
 from __future__ import annotations
@@ -581,6 +584,11 @@ def _merge(entries: list[dict]) -> dict:
   return jax.tree.map(jax.lax.stop_gradient, merged)
 
 
+def _captured(uses: list[dict]) -> dict:
+  """A layer's entry from its uses, marked as a capture's."""
+  return {**_merge(uses), fisher.CAPTURED: fisher.Captured()}
+
+
 def _nest(flat: dict[tuple, dict]) -> dict:
   """``{("a", "0"): entry}`` -> ``{"a": {"0": entry}}`` (keys as the params have them)."""
   tree: dict = dict(flat.get((), {}))  # the model itself may be a layer
@@ -1017,7 +1025,7 @@ def nnx_capture(model, *args, position_mask=None, **kwargs
   for path, module in nnx.iter_modules(model):
     for suffix, key in _nnx_keys(module):
       if key in record and tuple(path) + suffix not in flat:
-        flat[tuple(path) + suffix] = _merge(record[key])
+        flat[tuple(path) + suffix] = _captured(record[key])
   return output, with_position_mask(_nest(flat), position_mask)
 
 
@@ -1088,5 +1096,5 @@ def linen_capture(module, variables, *args, position_mask=None, **kwargs
 
   with _capturing() as record, nn.intercept_methods(interceptor):
     output = module.apply(variables, *args, **kwargs)
-  flat = {path: _merge(entries) for path, entries in record.items()}
+  flat = {path: _captured(entries) for path, entries in record.items()}
   return output, with_position_mask(_nest(flat), position_mask)

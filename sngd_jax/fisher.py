@@ -290,6 +290,23 @@ class Stacked:
   """Marks an entry whose leading axis is the layers of a stack."""
 
 
+# The key the captures give every entry they make; its value is
+# ``Captured()``. Such an entry is a module of the model: where the params
+# have no layer at its path, the layer is frozen (``nnx.Optimizer(wrt=...)``),
+# not misspelt, and its entry goes unused; a hand-built entry there raises.
+CAPTURED = "captured"
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Captured:
+  """Marks an entry made by ``nnx_capture``/``linen_capture``."""
+
+
+# An entry's keys whose values are static markers, not records.
+MARKERS = (SCANNED, STACKED, CAPTURED)
+
+
 def _position_axes(inputs) -> tuple[int, ...]:
   """The sizes of the inputs' position axes: every axis but the first (the
   examples) and the features (token ids have none)."""
@@ -355,7 +372,7 @@ def sampled_positions(entry: dict, limit: int, key) -> dict:
       return x
     return jnp.take(flat, picked(flat.shape[1]), axis=1)
 
-  return {name: sample(value) if name != SCANNED
+  return {name: sample(value) if name not in MARKERS
           and uses_per_example(value) > limit else value
           for name, value in entry.items()}
 

@@ -532,7 +532,7 @@ def _is_entry(x) -> bool:
 
 
 _ENTRY_KEYS = ("inputs", "outputs", "attend", fisher.SLOPES, fisher.WEIGHTS,
-               fisher.SCANNED, fisher.STACKED)
+               *fisher.MARKERS)
 
 
 def flatten_activations(activations, prefix=()) -> dict[str, Mapping]:
@@ -553,6 +553,28 @@ def flatten_activations(activations, prefix=()) -> dict[str, Mapping]:
     if inner:
       flat.update(flatten_activations(inner, names))
   return flat
+
+
+def _check_entries_have_params(entries: Mapping[str, Mapping], updates):
+  """Raises a ValueError naming the hand-built entries at paths where the
+  params hold nothing, not even a masked or opted-out layer: a misspelt path,
+  whose layer would otherwise go plain. A capture's entries there are frozen
+  layers' (marked ``fisher.CAPTURED``) and go unused."""
+  held = [path_str(path_tuple(path)) + "/" for path, _ in
+          jax.tree_util.tree_flatten_with_path(
+              updates, is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]]
+  stray = sorted(path for path, entry in entries.items()
+                 if fisher.CAPTURED not in entry and not any(
+                     leaf.startswith(path + "/" if path else "")
+                     for leaf in held))
+  if stray:
+    example = f" ({held[0][:-1]!r} is a parameter)" if held else ""
+    raise ValueError(
+        f"activations has entries at {stray} where the params have no "
+        f"layer: a misspelt path? An entry's path is its layer's in the "
+        f"params{example}. Drop the entries of layers this optimizer does "
+        f"not train, or build them with sngd_jax.nnx_capture / "
+        f"linen_capture, whose entries of frozen layers are ignored.")
 
 
 def _check_stack(layer: Layer, entry: Mapping):
@@ -1136,10 +1158,12 @@ def scale_by_sngd(
     by_path = {layer.path: layer for layer in layers}
     # Entries of layers without trainable parameters here (frozen by the
     # optimizer's filter, masked, opted out) are not used; a layer whose
-    # entry is missing or misnamed is named in the warning below.
+    # entry is missing is named in the warning below.
     captured = flatten_activations(activations)
-    entries = {path: entry for path, entry in captured.items()
-               if path in by_path}
+    _check_entries_have_params(captured, updates)
+    entries = {path: {key: value for key, value in entry.items()
+                      if key != fisher.CAPTURED}
+               for path, entry in captured.items() if path in by_path}
     leaf_paths = [path_str(path_tuple(path)) for path, _ in
                   jax.tree_util.tree_flatten_with_path(updates)[0]]
     unused = [leaf_paths[index] for layer in layers
@@ -1150,7 +1174,7 @@ def scale_by_sngd(
                     f"activations or no local Fisher for them): "
                     f"{sorted(passthrough + unused)}" + (
                         "; activations has entries that no layer here "
-                        f"takes (frozen, masked or misnamed): {others}"
+                        f"takes (frozen, masked or opted out): {others}"
                         if others and unused else ""),
                     stacklevel=_user_stacklevel())
     for path, entry in entries.items():

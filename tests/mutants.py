@@ -262,6 +262,12 @@ MUTATIONS = [
              'with jax.default_matmul_precision("float32"):\n      return',
              'with jax.default_matmul_precision(None):\n      return',
              ("tests/test_linalg.py",)),
+    Mutation("activations: a hand-built entry at a path with no params accepted",
+             "sngd_jax/transform.py", "  if stray:\n", "  if False:\n",
+             ("tests/test_errors.py", "tests/test_optax.py")),
+    Mutation("capture: entries not marked as captured", "sngd_jax/capture.py",
+             "return {**_merge(uses), fisher.CAPTURED: fisher.Captured()}",
+             "return _merge(uses)", ("tests/test_flax.py",)),
 ] + [
     Mutation(f"capture: no entry for {kind} layers", "sngd_jax/capture.py",
              # Only the return: what follows it in ``old`` stays as it was.

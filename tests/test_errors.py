@@ -1,5 +1,5 @@
 """Misuse raises a ValueError at the first call, naming the parameter path
-(a misnamed activations entry: a warning naming the layer and the entry)."""
+(a layer without an activations entry: a warning naming it)."""
 
 import jax
 import jax.numpy as jnp
@@ -32,11 +32,17 @@ def test_missing_activations(setup):
     tx.update(grads, state, params)
 
 
-def test_activations_at_a_misnamed_path_leave_the_layers_plain_and_say_so(setup):
+def test_hand_built_activations_at_a_misnamed_path_raise_naming_it(setup):
   tx, state, params, acts, grads = setup
-  acts = {"decoder": acts["encoder"]}
-  with pytest.warns(UserWarning, match=r"encoder/layer0/kernel.*misnamed.*"
-                    r"'decoder/layer0'"):
+  with pytest.raises(ValueError, match=r"\['decoder/layer0', 'decoder/layer1'\]"
+                     r" where the params have no layer"):
+    tx.update(grads, state, params, activations={"decoder": acts["encoder"]})
+
+
+def test_a_layer_without_its_entry_goes_plain_and_is_named(setup):
+  tx, state, params, acts, grads = setup
+  del acts["encoder"]["layer0"]
+  with pytest.warns(UserWarning, match=r"encoder/layer0/kernel"):
     updates, _ = tx.update(grads, state, params, activations=acts)
   np.testing.assert_allclose(updates["encoder"]["layer0"]["kernel"],
                              -0.1 * grads["encoder"]["layer0"]["kernel"])

@@ -358,16 +358,23 @@ def test_module_used_twice_averages_over_both_uses_and_paths_nest():
                              rtol=1e-9, atol=1e-12)
 
 
-def test_activations_of_a_layer_without_trainable_params_are_unused():
-  # A frozen layer (an nnx.Optimizer's wrt filter leaves it out) has an entry.
+def test_captured_activations_of_a_frozen_layer_are_unused():
+  # A frozen layer (an nnx.Optimizer's wrt filter leaves its params out) has
+  # an entry from the capture; the same entry built by hand would be a
+  # misspelt path, and raises.
   model = Shared(nnx.Rngs(0))
   _, acts = sngd_jax.nnx_capture(model, jnp.ones((2, 3), jnp.float64))
-  params = nnx.as_pure(nnx.state(model, nnx.Param))
-  grads = jax.tree.map(jnp.ones_like, params)
+  trained = {"blocks": nnx.as_pure(nnx.state(model, nnx.Param))["blocks"]}
+  grads = jax.tree.map(jnp.ones_like, trained)
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # no plain-gradient warning either
-    extra = one_update(params, grads, {**acts, "frozen": acts["blocks"][1]})
-  assert_tree_close(extra, one_update(params, grads, acts), rtol=1e-12)
+    with_frozen = one_update(trained, grads, acts)
+  assert_tree_close(with_frozen, one_update(
+      trained, grads, {"blocks": acts["blocks"]}), rtol=1e-12)
+  by_hand = {key: value for key, value in acts["norm"].items()
+             if key != "captured"}
+  with pytest.raises(ValueError, match=r"\['norm'\] where the params"):
+    one_update(trained, grads, {**acts, "norm": by_hand})
 
 
 def test_nnx_cnn_trains_under_nnx_jit():

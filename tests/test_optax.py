@@ -302,8 +302,8 @@ def test_multi_transform_and_masked_take_the_full_activations():
   updates, _ = masked.update(grads, masked.init(params), params,
                              activations=acts)
   assert_tree_close(updates["layer0"], expected["layer0"], rtol=1e-6)
-  # A misnamed entry leaves its layer plain, and the warning names both.
-  with pytest.warns(UserWarning, match=r"layer0/kernel.*'layer9'"):
+  # A masked layer's entry is fine (above); a misnamed one raises.
+  with pytest.raises(ValueError, match=r"\['layer9'\]"):
     masked.update(grads, masked.init(params), params,
                   activations={"layer9": acts["layer0"], "layer1": acts["layer1"]})
 
