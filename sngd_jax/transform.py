@@ -1159,17 +1159,17 @@ def scale_by_sngd(
     # Entries of layers without trainable parameters here (frozen by the
     # optimizer's filter, masked, opted out) are not used; a layer whose
     # entry is missing is named in the warning below.
-    captured = flatten_activations(activations)
-    _check_entries_have_params(captured, updates)
+    given = flatten_activations(activations)
+    _check_entries_have_params(given, updates)
     entries = {path: {key: value for key, value in entry.items()
                       if key != fisher.CAPTURED}
-               for path, entry in captured.items() if path in by_path}
+               for path, entry in given.items() if path in by_path}
     leaf_paths = [path_str(path_tuple(path)) for path, _ in
                   jax.tree_util.tree_flatten_with_path(updates)[0]]
     unused = [leaf_paths[index] for layer in layers
               if layer.path not in entries for index, _, _ in layer.leaves]
     if passthrough or unused:
-      others = sorted(set(captured) - set(entries))
+      others = sorted(set(given) - set(entries))
       warnings.warn("sngd: these parameters get the plain gradient (no "
                     f"activations or no local Fisher for them): "
                     f"{sorted(passthrough + unused)}" + (
