@@ -555,20 +555,19 @@ def flatten_activations(activations, prefix=()) -> dict[str, Mapping]:
   return flat
 
 
-def _check_entries_have_params(entries: Mapping[str, Mapping], updates):
+def _check_entries_have_params(entries: Mapping[str, Mapping],
+                               held: list[str]):
   """Raises a ValueError naming the hand-built entries at paths where the
-  params hold nothing, not even a masked or opted-out layer: a misspelt path,
-  whose layer would otherwise go plain. A capture's entries there are frozen
+  params hold nothing (``held``: the paths of their leaves and masked
+  leaves), not even a masked or opted-out layer: a misspelt path, whose
+  layer would otherwise go plain. A capture's entries there are frozen
   layers' (marked ``fisher.CAPTURED``) and go unused."""
-  held = [path_str(path_tuple(path)) + "/" for path, _ in
-          jax.tree_util.tree_flatten_with_path(
-              updates, is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]]
   stray = sorted(path for path, entry in entries.items()
                  if fisher.CAPTURED not in entry and not any(
-                     leaf.startswith(path + "/" if path else "")
+                     not path or leaf == path or leaf.startswith(path + "/")
                      for leaf in held))
   if stray:
-    example = f" ({held[0][:-1]!r} is a parameter)" if held else ""
+    example = f" ({held[0]!r} is a parameter)" if held else ""
     raise ValueError(
         f"activations has entries at {stray} where the params have no "
         f"layer: a misspelt path? An entry's path is its layer's in the "
@@ -1159,13 +1158,18 @@ def scale_by_sngd(
     # Entries of layers without trainable parameters here (frozen by the
     # optimizer's filter, masked, opted out) are not used; a layer whose
     # entry is missing is named in the warning below.
+    # The params' leaf paths, optax.masked's masked leaves among them (they
+    # hold no arrays: the leaves' own indices skip them).
+    held = [(path_str(path_tuple(path)), leaf) for path, leaf in
+            jax.tree_util.tree_flatten_with_path(
+                updates, is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]]
     given = flatten_activations(activations)
-    _check_entries_have_params(given, updates)
+    _check_entries_have_params(given, [path for path, _ in held])
     entries = {path: {key: value for key, value in entry.items()
                       if key != fisher.CAPTURED}
                for path, entry in given.items() if path in by_path}
-    leaf_paths = [path_str(path_tuple(path)) for path, _ in
-                  jax.tree_util.tree_flatten_with_path(updates)[0]]
+    leaf_paths = [path for path, leaf in held
+                  if not isinstance(leaf, optax.MaskedNode)]
     unused = [leaf_paths[index] for layer in layers
               if layer.path not in entries for index, _, _ in layer.leaves]
     if passthrough or unused:
