@@ -1199,18 +1199,17 @@ def scale_by_sngd(
     out, faults = {}, jnp.zeros([], jnp.int32)
     # The positions drawn depend on the step and the batch of layers only:
     # every device and every model draws the same ones.
-    step_key = jax.random.fold_in(jax.random.key(0), state.count)
     number = 0
     for stack in stacks:
       parts = stack.split(state.stats[stack.key])
       for mode, members in _statistics_batches(stack, entries, sharing):
-        key, number = jax.random.fold_in(step_key, number), number + 1
+        seed, number = fisher.position_seed(state.count, number), number + 1
 
-        def statistic(entry, old, layer=members[0], mode=mode, key=key):
+        def statistic(entry, old, layer=members[0], mode=mode, seed=seed):
           limit = (AUTO_STATS_POSITIONS[mode] if auto_positions
                    else stats_positions)
           sampled = entry if limit is None else fisher.sampled_positions(
-              entry, limit, key)
+              entry, limit, seed)
           return _statistic_ema(layer, sampled, entry, old, ema_decay,
                                 mode == "reduce", axis_name)
 

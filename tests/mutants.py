@@ -192,8 +192,9 @@ MUTATIONS = [
              ("tests/test_weight_sharing.py",)),
     Mutation("sampled positions: inputs and outputs drawn apart",
              "sngd_jax/fisher.py",
-             "jax.random.choice(key, ",
-             "jax.random.choice(jax.random.fold_in(key, flat.shape[-1]), ",
+             "jnp.take(flat, picked(flat.shape[1]), axis=1)",
+             "jnp.take(flat, picked_positions(seed + flat.shape[-1], "
+             "flat.shape[1], limit), axis=1)",
              ("tests/test_weight_sharing.py",)),
     Mutation("capture: records inside jax.checkpoint dropped",
              "sngd_jax/capture.py",

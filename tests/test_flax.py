@@ -54,10 +54,9 @@ def assert_captured_patches_reproduce(conv, x):
   np.testing.assert_allclose(
       patches @ conv.kernel[...].reshape(-1, features) + conv.bias[...], y,
       atol=1e-12)
-  key = jax.random.key(2)
-  sampled = fisher.sampled_positions(acts, 5, key)
-  kept = np.sort(jax.random.choice(key, patches[0, ..., 0].size, (5,),
-                                   replace=False))
+  seed = fisher.position_seed(3, 2)
+  sampled = fisher.sampled_positions(acts, 5, seed)
+  kept = fisher.picked_positions(seed, patches[0, ..., 0].size, 5)
   np.testing.assert_array_equal(
       sampled["inputs"], patches.reshape(2, -1, patches.shape[-1])[:, kept])
   np.testing.assert_array_equal(sampled["outputs"],

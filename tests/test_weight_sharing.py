@@ -9,6 +9,8 @@ exact NGD, and the scale of ``G`` is what weight sharing decides.
   ``G = E_{n,t}[x~ x~^T]``.
 """
 
+import collections
+
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -313,30 +315,35 @@ def test_sampled_positions_are_an_unbiased_estimate_shared_by_inputs_and_outputs
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 2), jnp.float64)
   kernel = jax.random.normal(jax.random.PRNGKey(1), (2, 4), jnp.float64)
   entry = {"inputs": x, "outputs": x @ kernel}
-  one = fisher.sampled_positions(entry, 2, jax.random.key(3))
+  one = fisher.sampled_positions(entry, 2, fisher.position_seed(0, 3))
   assert one["inputs"].shape == (3, 2, 2)
   np.testing.assert_allclose(one["outputs"], one["inputs"] @ kernel)
   # Each input row is one of its example's positions.
   assert all(any(np.allclose(row, x[n, t]) for t in range(5))
              for n in range(3) for row in np.asarray(one["inputs"][n]))
 
-  def statistic(key):
-    sampled = fisher.sampled_positions(entry, 2, key)["inputs"]
+  def statistic(step):
+    sampled = fisher.sampled_positions(
+        entry, 2, fisher.position_seed(step, 0))["inputs"]
     return fisher.second_moment(fisher.features(sampled, 3, jnp.float64))
 
-  keys = jax.random.split(jax.random.key(4), 4000)
-  estimate = jnp.mean(jax.vmap(statistic)(keys), axis=0)
+  # Every pair of the 5 positions is drawn as often (400 of 4000, sd 19).
+  pairs = jax.vmap(lambda step: fisher.picked_positions(
+      fisher.position_seed(step, 0), 5, 2))(jnp.arange(4000))
+  counts = collections.Counter(map(tuple, np.asarray(pairs).tolist()))
+  assert len(counts) == 10 and all(300 < n < 500 for n in counts.values())
+  estimate = jnp.mean(jax.vmap(statistic)(jnp.arange(4000)), axis=0)
   exact = fisher.second_moment(fisher.features(x, 3, jnp.float64))
   np.testing.assert_allclose(estimate, exact, atol=0.03 * np.abs(exact).max())
   # A layer with no more positions than the limit keeps all of them.
   np.testing.assert_array_equal(
-      fisher.sampled_positions(entry, 5, jax.random.key(3))["inputs"], x)
+      fisher.sampled_positions(entry, 5, fisher.position_seed(0, 3))["inputs"], x)
 
 
 def test_sampled_positions_keep_the_scanned_marker():
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 10, 4))
   entry = {"inputs": x, "outputs": x, fisher.SCANNED: fisher.Scanned()}
-  sampled = fisher.sampled_positions(entry, 2, jax.random.PRNGKey(1))
+  sampled = fisher.sampled_positions(entry, 2, fisher.position_seed(0, 1))
   assert sampled[fisher.SCANNED] == fisher.Scanned()
   assert sampled["inputs"].shape == (3, 2, 4)
 
