@@ -222,17 +222,27 @@ class _ConvGeometry:
     if not masked:
       x = self._padded(x)
     sizes = x.shape[1:-1]
-    coords = jnp.unravel_index(ids, out)
-    offsets = np.array(list(np.ndindex(*self.kernel_size)))  # (taps, spatial)
+    # Integer arithmetic on indices known to be in range: lax's division and
+    # clamps, not jnp's floor division and index checks (each a dozen ops in
+    # every convolution's statistics kernel).
+    ids = ids.astype(jnp.uint32)
+    grid = np.cumprod((1,) + out[:0:-1])[::-1]  # the output grid's strides
+    coords = [jax.lax.rem(jax.lax.div(ids, np.uint32(step)), np.uint32(size)
+                          ).astype(jnp.int32) for step, size in zip(grid, out)]
+    offsets = np.array(list(np.ndindex(*self.kernel_size)),  # (taps, spatial)
+                       np.int32)
     # Per axis (len(ids), taps): the input coordinate each tap reads.
     reads = [c[:, None] * s + offsets[None, :, axis] * d - low for axis, (
         c, s, d, low) in enumerate(zip(coords, self.strides, self.dilation,
                                         lows))]
     inside = functools.reduce(jnp.logical_and, [
         (r >= 0) & (r < size) for r, size in zip(reads, sizes)])
-    flat = jnp.ravel_multi_index(tuple(reads), sizes, mode="clip")
-    taps = jnp.take(jnp.reshape(x, (x.shape[0], -1, x.shape[-1])),
-                    jnp.reshape(flat, (-1,)), axis=1)
+    strides = np.cumprod((1,) + sizes[:0:-1])[::-1]
+    flat = sum(jax.lax.clamp(np.int32(0), r, np.int32(size - 1)) * np.int32(step)
+               for r, size, step in zip(reads, sizes, strides))
+    taps = jnp.reshape(x, (x.shape[0], -1, x.shape[-1])).at[
+        :, jnp.reshape(flat, (-1,)).astype(jnp.uint32)].get(
+            mode="promise_in_bounds")
     taps = jnp.where(jnp.reshape(inside, (1, -1, 1)), taps, 0)
     return jnp.reshape(taps, (x.shape[0], len(ids), -1))
 

@@ -367,7 +367,8 @@ def picked_positions(seed, positions: int, limit: int) -> jax.Array:
   a fifth of a ResNet-18 update's kernels, and compiled as such).
   """
   hashes = _mixed(jnp.arange(positions, dtype=jnp.uint32) ^ _mixed(seed))
-  return jnp.sort(jax.lax.top_k(hashes, limit)[1])
+  # Unsigned: indexing with them compiles no wrap-around of negatives.
+  return jnp.sort(jax.lax.top_k(hashes, limit)[1]).astype(jnp.uint32)
 
 
 def sampled_positions(entry: dict, limit: int, seed) -> dict:
@@ -396,7 +397,7 @@ def sampled_positions(entry: dict, limit: int, seed) -> dict:
     flat = jnp.reshape(x, x.shape[:1] + (-1,) + tail)
     if flat.shape[1] <= limit:
       return x
-    return jnp.take(flat, picked(flat.shape[1]), axis=1)
+    return flat.at[:, picked(flat.shape[1])].get(mode="promise_in_bounds")
 
   return {name: sample(value) if name not in MARKERS
           and uses_per_example(value) > limit else value
