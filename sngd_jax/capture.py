@@ -226,9 +226,9 @@ class _ConvGeometry:
     # clamps, not jnp's floor division and index checks (each a dozen ops in
     # every convolution's statistics kernel).
     ids = ids.astype(jnp.uint32)
-    grid = np.cumprod((1,) + out[:0:-1])[::-1]  # the output grid's strides
     coords = [jax.lax.rem(jax.lax.div(ids, np.uint32(step)), np.uint32(size)
-                          ).astype(jnp.int32) for step, size in zip(grid, out)]
+                          ).astype(jnp.int32)
+              for step, size in zip(_row_major_strides(out), out)]
     offsets = np.array(list(np.ndindex(*self.kernel_size)),  # (taps, spatial)
                        np.int32)
     # Per axis (len(ids), taps): the input coordinate each tap reads.
@@ -237,9 +237,8 @@ class _ConvGeometry:
                                         lows))]
     inside = functools.reduce(jnp.logical_and, [
         (r >= 0) & (r < size) for r, size in zip(reads, sizes)])
-    strides = np.cumprod((1,) + sizes[:0:-1])[::-1]
     flat = sum(jax.lax.clamp(np.int32(0), r, np.int32(size - 1)) * np.int32(step)
-               for r, size, step in zip(reads, sizes, strides))
+               for r, size, step in zip(reads, sizes, _row_major_strides(sizes)))
     taps = jnp.reshape(x, (x.shape[0], -1, x.shape[-1])).at[
         :, jnp.reshape(flat, (-1,)).astype(jnp.uint32)].get(
             mode="promise_in_bounds")
@@ -252,6 +251,11 @@ class _ConvGeometry:
           (0, 0, 0), *[(low, high, i - 1) for (low, high), i
                        in zip(self.pads, self.input_dilation)], (0, 0, 0)])
     return jnp.pad(x, [(0, 0), *self.pads, (0, 0)], mode=self.mode)
+
+
+def _row_major_strides(shape) -> list[int]:
+  """The flat index's step along each axis of a C-ordered ``shape``."""
+  return [int(np.prod(shape[axis + 1:])) for axis in range(len(shape))]
 
 
 class _LazyInputs:

@@ -192,9 +192,9 @@ MUTATIONS = [
              ("tests/test_weight_sharing.py",)),
     Mutation("sampled positions: inputs and outputs drawn apart",
              "sngd_jax/fisher.py",
-             "jnp.take(flat, picked(flat.shape[1]), axis=1)",
-             "jnp.take(flat, picked_positions(seed + flat.shape[-1], "
-             "flat.shape[1], limit), axis=1)",
+             "flat.at[:, picked(flat.shape[1])]",
+             "flat.at[:, picked_positions(seed + flat.shape[-1], "
+             "flat.shape[1], limit)]",
              ("tests/test_weight_sharing.py",)),
     Mutation("capture: records inside jax.checkpoint dropped",
              "sngd_jax/capture.py",
