@@ -371,7 +371,7 @@ def test_captured_activations_of_a_frozen_layer_are_unused():
   assert_tree_close(with_frozen, one_update(
       trained, grads, {"blocks": acts["blocks"]}), rtol=1e-12)
   by_hand = {key: value for key, value in acts["norm"].items()
-             if key != "captured"}
+             if key != fisher.CAPTURED}
   with pytest.raises(ValueError, match=r"\['norm'\] where the params"):
     one_update(trained, grads, {**acts, "norm": by_hand})
 
