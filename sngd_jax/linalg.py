@@ -203,7 +203,8 @@ def inverse(a, solver: str, rhs=None):
 
 
 @full_precision
-def output_roots(mean, weight, power, eigenvalue_range):
+def output_roots(mean, weight, power, eigenvalue_range, rank=None,
+                 iterations: int = 2, axis_name=None):
   """The output side's factor from its EMA: ``(R^{-power}, R^{power/2})``.
 
   ``mean`` is the bias-corrected mean of ``sym(v^T g)`` (``(d_out, d_out)``);
@@ -214,6 +215,16 @@ def output_roots(mean, weight, power, eigenvalue_range):
   buffer measured in the metric is multiplied by the second, since
   ``|m|^2`` in ``A (x) R^power`` is ``|m R^{power/2}|^2`` in ``A``. Non-finite
   where the eigendecomposition failed.
+
+  With a ``rank`` below ``d_out``, R is replaced by its ``rank`` largest
+  eigenpairs, found by subspace iteration (``iterations`` products after the
+  first, Halko, Martinsson & Tropp 2011), and the rest of its spectrum by
+  that rest's mean eigenvalue, so the approximation keeps R's trace (as
+  :func:`nystrom_factors`' spectral shift does): O(d_out^2 rank) matrix
+  products instead of an ``eigh`` of ``d_out x d_out`` (9 d_out^3), exact
+  where R's other eigenvalues are equal. There the devices of a bound
+  ``axis_name`` (``sngd_jax.split``) divide the ``d_out x d_out`` products
+  by rows; the result is whole on every device.
   """
   dim = mean.shape[-1]
   eye = jnp.eye(dim, dtype=mean.dtype)
@@ -221,10 +232,34 @@ def output_roots(mean, weight, power, eigenvalue_range):
   # No gradient seen yet (a zero mean): no output-side information, R = I.
   relative = jnp.where(scale > 0, mean / jnp.where(scale > 0, scale, 1), eye)
   shrunk = weight * relative + (1 - weight) * eye
-  eigvals, eigvecs = jnp.linalg.eigh(shrunk)
+  if rank is None or rank >= dim:
+    eigvals, eigvecs = jnp.linalg.eigh(shrunk)
+    eigvals = jnp.clip(eigvals, *eigenvalue_range)
+    return ((eigvecs * eigvals ** -power) @ eigvecs.T,
+            (eigvecs * eigvals ** (power / 2)) @ eigvecs.T)
+
+  def times(a, b):  # a @ b, each device its rows of a
+    if axis_name is None:
+      return a @ b
+    rows, index, per = split.my_rows(a, axis_name)
+    return split.assemble(rows @ b, axis_name, index, per, dim, dim=0)
+
+  start = np.random.default_rng(0).standard_normal((dim, rank))
+  basis = jnp.linalg.qr(times(shrunk, jnp.asarray(start, mean.dtype)))[0]
+  basis = jax.lax.fori_loop(
+      0, iterations, lambda _, q: jnp.linalg.qr(times(shrunk, q))[0], basis)
+  projected = basis.T @ times(shrunk, basis)
+  eigvals, eigvecs = jnp.linalg.eigh(0.5 * (projected + projected.T))
+  eigvecs = basis @ eigvecs
+  # R's trace is dim (its mean eigenvalue 1).
+  rest = jnp.clip((dim - jnp.sum(eigvals)) / (dim - rank), *eigenvalue_range)
   eigvals = jnp.clip(eigvals, *eigenvalue_range)
-  return ((eigvecs * eigvals ** -power) @ eigvecs.T,
-          (eigvecs * eigvals ** (power / 2)) @ eigvecs.T)
+
+  def function(p):  # R^p = rest^p I + U (s^p - rest^p) U^T
+    return rest ** p * eye + times(eigvecs * (eigvals ** p - rest ** p),
+                                   eigvecs.T)
+
+  return function(-power), function(power / 2)
 
 
 @full_precision

@@ -296,6 +296,22 @@ with jax.set_mesh(mesh):
 kinds_gap = {path: rel(kinds_divided[path], kinds_whole[path])
              for path in kinds_whole}
 
+# Low-rank output roots (above OUTPUT_EXACT_DIM outputs, lowered here to 24,
+# rank 8): the devices divide each root's products by rows (41 rows: the
+# last device's part is padding), against the whole.
+stage("low-rank output roots")
+exact_dim, rank = transform.OUTPUT_EXACT_DIM, transform.OUTPUT_RANK
+transform.OUTPUT_EXACT_DIM, transform.OUTPUT_RANK = 24, 8
+wide_means = jnp.stack([jnp.asarray(np.cov(np.random.default_rng(seed).normal(
+    size=(41, 60)) * np.linspace(0.2, 3, 41)[:, None]), jnp.float32)
+                        for seed in range(2)])
+wide_whole = jax.jit(transform.output_factor_roots)(wide_means, 0.9)
+with jax.set_mesh(mesh):
+  wide_divided = jax.jit(lambda m, r: transform.output_factor_roots(
+      m, r, "data"))(wide_means, 0.9)
+transform.OUTPUT_EXACT_DIM, transform.OUTPUT_RANK = exact_dim, rank
+low_rank_gap = rel(wide_divided, wide_whole)
+
 # Per-device FLOPs of the divided refresh on 8 devices, against one device's:
 # the autoencoder's layers with the defaults (exact 501/251/31 blocks, rank-32
 # Nystrom blocks for 785 and 1001 rows).
@@ -359,6 +375,7 @@ print(json.dumps({
     "auto_flops_ratio": auto_flops_ratio,
     "named_flops_ratio": named_flops_ratio,
     "kinds_gap": kinds_gap,
+    "low_rank_gap": low_rank_gap,
     "pmap_spread": pmap_spread,
     "kernel_sharding": list(kernel.sharding.spec),
     "batch_devices": len(data_parallel["layer0"]["kernel"].sharding.device_set),

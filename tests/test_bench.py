@@ -189,3 +189,21 @@ def test_python_sources_are_windows_of_the_standard_library():
   assert dataset.name.endswith("-sources")
   text = "".join(data.CHARACTERS[c] for c in dataset.x_train[:300].ravel())
   assert "def " in text and "return" in text, text[:500]
+
+
+def test_factorization_flops_are_the_textbook_counts_of_the_compiled_calls():
+  """``flops.custom_call_flops`` reads each LAPACK call of a compiled program
+  with its shapes: a batch of 3 Cholesky factorizations of 64 x 64, an eigh
+  of 40 x 40 and a QR of 100 x 20 (factored, then its Q formed)."""
+  import jax.numpy as jnp
+
+  from sngd_jax.bench import flops
+
+  def count(function, *shapes):
+    args = [jnp.ones(shape) for shape in shapes]
+    return flops.custom_call_flops(jax.jit(function).lower(*args).compile().as_text())
+
+  assert count(jnp.linalg.cholesky, (3, 64, 64)) == 3 * 64 ** 3 / 3
+  assert count(lambda a: jnp.linalg.eigh(a)[1], (40, 40)) == 9 * 40 ** 3
+  assert count(lambda a: jnp.linalg.qr(a)[0], (100, 20)) == 2 * (
+      2 * 100 * 20 ** 2 - 2 * 20 ** 3 / 3)

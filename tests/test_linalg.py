@@ -173,6 +173,60 @@ def test_nystrom_quadratic_is_v_dot_pv_of_the_explicit_approximation(
   np.testing.assert_allclose(float(got), expected, rtol=rtol)
 
 
+def spiked(n, spikes, seed=0):
+  """A PSD matrix whose eigenvalues are ``spikes`` and ``n - len(spikes)``
+  ones (the rest flat), in random directions."""
+  q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(n, n)))
+  return (q * np.concatenate([spikes, np.ones(n - len(spikes))])) @ q.T
+
+
+def exact_output_roots(r, weight, power, clip):
+  """``output_roots``' formula by numpy's eigh."""
+  r = r / (np.trace(r) / len(r))
+  r = weight * r + (1 - weight) * np.eye(len(r))
+  return eigh_power_clipped(r, -power, clip), eigh_power_clipped(r, power / 2, clip)
+
+
+def eigh_power_clipped(a, power, clip):
+  vals, vecs = np.linalg.eigh(a)
+  return (vecs * np.clip(vals, *clip) ** power) @ vecs.T
+
+
+@pytest.mark.parametrize("rank,iterations,tol", [(6, 2, 1e-2), (6, 16, 1e-10),
+                                                 (10, 16, 1e-10)])
+def test_low_rank_output_roots_are_exact_where_the_rest_is_flat(
+    rank, iterations, tol):
+  """R with 6 spikes (30-900x the rest) and the rest equal: its top
+  eigenpairs and the rest's mean are R, so the low-rank roots are R's roots
+  (to the subspace iteration's convergence: once shrunk toward I with
+  weight 0.9 the smallest spike is 6.5x the rest, an error of
+  ``6.5^-(iterations + 1)``); the largest eigenvalue is clipped."""
+  spikes = np.geomspace(30, 900, 6)
+  r = spiked(48, spikes) * 2.5
+  clip = (1 / 16, 16.0)
+  expected = exact_output_roots(r, 0.9, 0.5, clip)
+  got = linalg.output_roots(jnp.asarray(r), 0.9, 0.5, clip, rank, iterations)
+  assert 0.9 * np.linalg.eigvalsh(r)[-1] / np.trace(r) * 48 + 0.1 > clip[1]
+  for g, e in zip(got, expected):
+    np.testing.assert_allclose(np.asarray(g), e, atol=tol)
+
+
+def test_low_rank_output_roots_keep_the_trace_and_the_top_eigenvalues():
+  """On a spread spectrum (no flat rest), the approximation ``R~`` (power
+  -1 returns it) keeps R's trace, its top eigenvalues are R's to the
+  iteration's convergence, and the rest is flat at the rest's mean."""
+  r = spd(64, 1e3, seed=3)
+  r = r / (np.trace(r) / 64)
+  wide = (1e-9, 1e9)
+  approx, _ = linalg.output_roots(jnp.asarray(r), 1.0, -1.0, wide, 16, 8)
+  vals = np.linalg.eigvalsh(np.asarray(approx))[::-1]
+  exact = np.linalg.eigvalsh(r)[::-1]
+  np.testing.assert_allclose(np.trace(np.asarray(approx)), 64, rtol=1e-12)
+  np.testing.assert_allclose(vals[:4], exact[:4], rtol=1e-6)
+  np.testing.assert_allclose(vals[16:], (64 - vals[:16].sum()) / 48, rtol=1e-9)
+  assert np.linalg.norm(np.asarray(approx) - r) < 0.3 * np.linalg.norm(r)
+
+
 def product_precisions(jaxpr):
   """The ``precision`` of every matrix product and convolution in ``jaxpr``."""
   for eqn in jaxpr.eqns:

@@ -1,11 +1,14 @@
 """The output factor: the output side of a Kronecker block, from the gradients."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from test_exact_ngd import FORMULA, damp, stacked, with_ones
 
 import sngd_jax
+from sngd_jax import linalg, transform
 
 FACTOR = {**FORMULA, "output_factor": True}
 
@@ -105,3 +108,32 @@ def test_factor_ema_is_bias_corrected_and_shrunk_toward_the_identity():
     np.testing.assert_allclose(state.output_stats["dense"], raw, rtol=1e-9)
     np.testing.assert_allclose(state.output_factors["dense"][0],
                                clipped_power(shrunk, -0.5), rtol=1e-9, atol=1e-12)
+
+
+def test_a_wide_layers_factor_keeps_its_top_eigenpairs_and_the_rests_mean(
+    monkeypatch):
+  """Above ``OUTPUT_EXACT_DIM`` outputs (lowered to 3 here, rank 2) the
+  factor's R is its top eigenpairs and, in the other directions, the rest's
+  mean eigenvalue (converged: many iterations): against numpy's eigh."""
+  monkeypatch.setattr(transform, "OUTPUT_EXACT_DIM", 3)
+  monkeypatch.setattr(transform, "OUTPUT_RANK", 2)
+  monkeypatch.setattr(transform.linalg, "output_roots", functools.partial(
+      linalg.output_roots, iterations=60))
+  params = {"dense": {"kernel": jnp.zeros((3, 5)), "bias": jnp.zeros(5)}}
+  tx = sngd_jax.scale_by_sngd(**{**FACTOR, "ema_decay": 0.1})
+  x = jax.random.normal(jax.random.PRNGKey(1), (8, 3), jnp.float64)
+  grads = {"dense": {"kernel": jax.random.normal(jax.random.PRNGKey(2), (3, 5)),
+                     "bias": jax.random.normal(jax.random.PRNGKey(3), (5,))}}
+  _, state = tx.update(grads, tx.init(params), params,
+                       activations={"dense": {"inputs": x}})
+  g = stacked(grads["dense"])
+  u = np.asarray(state.preconditioners["dense"]) @ g
+  mean = (u.T @ g + g.T @ u) / 2
+  shrunk = 0.9 * mean / (np.trace(mean) / 5) + 0.1 * np.eye(5)
+  vals, vecs = np.linalg.eigh(shrunk)
+  assert vals[-2] > 1.5 * vals[-3]  # the top two are well separated
+  vals[:3] = vals[:3].mean()
+  expected = (vecs * np.clip(vals, 1 / 16, 16) ** -0.5) @ vecs.T
+  got = np.asarray(state.output_factors["dense"][0])
+  np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+  assert np.abs(got - clipped_power(shrunk, -0.5)).max() > 1e-3  # not exact

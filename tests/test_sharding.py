@@ -56,6 +56,7 @@ def test_sharded_training_matches_single_device():
   assert len(kinds) == 9, report
   assert len(report["kinds_gap"]) > 9, report
   assert max(report["kinds_gap"].values()) < 1e-5, report
+  assert report["low_rank_gap"] < 1e-5, report
   # Each of 8 devices does at most a quarter of one device's input-block
   # refresh FLOPs; with the output factors' roots (two of each size at most
   # here, each on one device) at most 0.65 (0.98 when every device computed

@@ -11,6 +11,7 @@ SPMD partitioning) HLO with their operand shapes:
 | Cholesky ``potrf`` of ``n x n`` | ``n^3 / 3`` |
 | triangular solve ``trsm``, ``n x n`` against ``n x k`` | ``n^2 k`` |
 | symmetric eigendecomposition ``syevd`` of ``n x n`` (with vectors) | ``9 n^3`` (Golub & Van Loan) |
+| Householder QR ``geqrf`` of ``m x n``, and forming its ``Q`` (``orgqr``) | ``2 m n^2 - 2 n^3 / 3`` each |
 
 each times the batch (leading dimensions).
 """
@@ -59,6 +60,9 @@ def custom_call_flops(hlo_text: str) -> float:
     elif "syev" in name and result:
       *batch, n, _ = max(result, key=len)
       total += math.prod(batch) * 9 * n ** 3
+    elif ("geqrf" in name or "orgqr" in name) and result:
+      *batch, m, n = max(result, key=len)
+      total += math.prod(batch) * (2 * m * n * n - 2 * n ** 3 / 3)
   return total
 
 
