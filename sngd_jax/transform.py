@@ -866,7 +866,7 @@ def scale_by_sngd(
     vmap_axis_name: str | None = None,
     stats_positions: int | str | None = "auto",
     refresh_axis: str | None = "auto",
-    output_factor: bool = True,
+    output_factor: bool | int = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with the damped inverse local Fisher of each layer.
 
@@ -971,8 +971,13 @@ def scale_by_sngd(
       ``S`` without any output gradients: normalized to mean eigenvalue 1
       (the layer keeps its step's scale), eigenvalues clipped to [1/16, 16]
       and refreshed with the inverses, it multiplies the direction as
-      ``A^-1 g R^-1/2``. ``False``: the input side only (the paper's
-      blocks).
+      ``A^-1 g R^-1/2``. Above 1024 outputs ``R`` is its 256 largest
+      eigenpairs and its other eigenvalues' mean (``linalg.output_roots``).
+      ``False``: the input side only (the paper's blocks); an int: the
+      factor for layers of at most that many outputs. Its product costs a
+      step ``2 (d_in+1) d_out^2`` FLOPs, ``d_out / (3 rows)`` of the layer's
+      own forward and backward (rows: the batch's examples times
+      positions): on wide layers at small batches a cap pays.
     layer_fisher: the local Fisher of dense and convolution layers:
       ``"linear"`` (one ``E[x~ x~^T]`` block shared by the output units),
       ``"relu"``, ``"sigmoid"``, ``"tanh"``, ``"elu"`` (a block per output
@@ -1073,6 +1078,7 @@ def scale_by_sngd(
     raise ValueError('refresh_axis must be "auto", None or a mesh axis '
                      f"name, got {refresh_axis!r}")
   _validate_per_layer("weight_sharing", weight_sharing, WEIGHT_SHARING)
+  widest_factor = output_factor_limit(output_factor)
 
   def sharing(path, entry):
     mode = _resolve(weight_sharing, path, "auto")
@@ -1096,7 +1102,7 @@ def scale_by_sngd(
     return plan_layers(tree, layer_fisher, nystrom, output_axes, stacked)
 
   def with_output_factor(layer):
-    return output_factor and takes_output_factor(layer)
+    return takes_output_factor(layer, widest_factor)
 
   def buffer(params):
     return None if momentum is None else jax.tree.map(jnp.zeros_like, params)
@@ -1660,11 +1666,23 @@ def _group_parts(group: list[Stack], batch, padded: bool = False) -> list:
           for stack, part in zip(group, parts)]
 
 
-def takes_output_factor(layer: Layer) -> bool:
-  """Whether ``output_factor=True`` gives this layer an output factor: the
-  ``linear`` blocks (exact or Nystrom) with 2 to ``OUTPUT_MAX_DIM`` outputs."""
+def output_factor_limit(output_factor) -> int:
+  """The most outputs a layer given an output factor has: ``output_factor``
+  ``True`` (``OUTPUT_MAX_DIM``), ``False`` (none) or a positive int."""
+  if isinstance(output_factor, bool):
+    return OUTPUT_MAX_DIM if output_factor else 0
+  if isinstance(output_factor, numbers.Integral) and int(output_factor) > 0:
+    return int(output_factor)
+  raise ValueError("output_factor must be True, False or the most outputs "
+                   f"a layer given one has (an int > 0), got {output_factor!r}")
+
+
+def takes_output_factor(layer: Layer, limit: int = OUTPUT_MAX_DIM) -> bool:
+  """Whether a layer gets an output factor where layers of at most ``limit``
+  outputs do (``output_factor_limit``): the ``linear`` blocks (exact or
+  Nystrom) with 2 to ``limit`` outputs."""
   return (isinstance(layer.block, (fisher.Linear, fisher.NystromLinear))
-          and 1 < layer.d_out <= OUTPUT_MAX_DIM)
+          and 1 < layer.d_out <= limit)
 
 
 def output_factor_roots(means, rate, refresh_axis=None):
@@ -1864,7 +1882,7 @@ def sngd(
     stats_positions: int | str | None = "auto",
     solver: str = "cholesky",
     nystrom: Nystrom | None = Nystrom(),
-    output_factor: bool = True,
+    output_factor: bool | int = True,
     # The layers.
     layer_fisher: PerLayer = "linear",
     weight_sharing: PerLayer = "auto",

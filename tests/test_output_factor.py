@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from test_exact_ngd import FORMULA, damp, stacked, with_ones
 
 import sngd_jax
@@ -137,3 +138,33 @@ def test_a_wide_layers_factor_keeps_its_top_eigenpairs_and_the_rests_mean(
   got = np.asarray(state.output_factors["dense"][0])
   np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
   assert np.abs(got - clipped_power(shrunk, -0.5)).max() > 1e-3  # not exact
+
+
+def test_an_int_output_factor_caps_the_widest_layer_given_one():
+  """``output_factor=4``: the 3-output layer gets the factor, the 6-output
+  one steps as the input side alone does; 0, negative and fractional caps
+  are refused."""
+  params = {"wide": {"kernel": jnp.zeros((3, 6)), "bias": jnp.zeros(6)},
+            "narrow": {"kernel": jnp.zeros((6, 3)), "bias": jnp.zeros(3)}}
+  grads = jax.tree.map(lambda x: jax.random.normal(
+      jax.random.PRNGKey(x.size), x.shape, jnp.float64), params)
+  acts = {"wide": {"inputs": jax.random.normal(jax.random.PRNGKey(1), (9, 3),
+                                               jnp.float64)},
+          "narrow": {"inputs": jax.random.normal(jax.random.PRNGKey(2), (9, 6),
+                                                 jnp.float64)}}
+  updates = {}
+  for option in (True, False, 4):
+    tx = sngd_jax.scale_by_sngd(**{**FACTOR, "output_factor": option})
+    state = tx.init(params)
+    assert sorted(state.output_factors) == {
+        True: ["narrow", "wide"], False: [], 4: ["narrow"]}[option]
+    updates[option], _ = tx.update(grads, state, params, activations=acts)
+  np.testing.assert_allclose(stacked(updates[4]["wide"]),
+                             stacked(updates[False]["wide"]), rtol=1e-12)
+  np.testing.assert_allclose(stacked(updates[4]["narrow"]),
+                             stacked(updates[True]["narrow"]), rtol=1e-12)
+  assert not np.allclose(stacked(updates[True]["narrow"]),
+                         stacked(updates[False]["narrow"]))
+  for bad in (0, -1, 2.5):
+    with pytest.raises(ValueError, match="output_factor must be"):
+      sngd_jax.scale_by_sngd(output_factor=bad)

@@ -108,7 +108,8 @@ def refresh(tx_options: dict, layers, stats, refresh_axis=None):
   # groups them (alone on one device, as above).
   factored: dict[tuple, list] = {}
   for layer in layers:
-    if option("output_factor") and transform.takes_output_factor(layer):
+    if transform.takes_output_factor(layer, transform.output_factor_limit(
+        option("output_factor"))):
       alike = (layer.d_out,) if refresh_axis else (layer.path,)
       factored.setdefault(alike, []).append(layer)
   for number, group in enumerate(factored.values()):
