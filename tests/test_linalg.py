@@ -192,10 +192,11 @@ def eigh_power_clipped(a, power, clip):
   return (vecs * np.clip(vals, *clip) ** power) @ vecs.T
 
 
-@pytest.mark.parametrize("rank,iterations,tol", [(6, 2, 1e-2), (6, 16, 1e-10),
-                                                 (10, 16, 1e-10)])
+@pytest.mark.parametrize("rank,iterations,dtype,tol", [
+    (6, 2, jnp.float64, 1e-2), (6, 16, jnp.float64, 1e-10),
+    (10, 16, jnp.float64, 1e-10), (6, 16, jnp.float32, 1e-5)])
 def test_low_rank_output_roots_are_exact_where_the_rest_is_flat(
-    rank, iterations, tol):
+    rank, iterations, dtype, tol):
   """R with 6 spikes (30-900x the rest) and the rest equal: its top
   eigenpairs and the rest's mean are R, so the low-rank roots are R's roots
   (to the subspace iteration's convergence: once shrunk toward I with
@@ -205,7 +206,9 @@ def test_low_rank_output_roots_are_exact_where_the_rest_is_flat(
   r = spiked(48, spikes) * 2.5
   clip = (1 / 16, 16.0)
   expected = exact_output_roots(r, 0.9, 0.5, clip)
-  got = linalg.output_roots(jnp.asarray(r), 0.9, 0.5, clip, rank, iterations)
+  got = linalg.output_roots(jnp.asarray(r, dtype), 0.9, 0.5, clip, rank,
+                           iterations)
+  assert all(g.dtype == dtype for g in got)
   assert 0.9 * np.linalg.eigvalsh(r)[-1] / np.trace(r) * 48 + 0.1 > clip[1]
   for g, e in zip(got, expected):
     np.testing.assert_allclose(np.asarray(g), e, atol=tol)
