@@ -521,10 +521,9 @@ class Linear(_Block):
     blocks, devices = stacked.shape[0], jax.lax.axis_size(axis)
     damped = jax.vmap(lambda g: linalg.damped(g, damping))(stacked)
     if blocks >= devices:
-      mine, index, per = split.my_rows(
-          damped, axis, fill=jnp.eye(self.n, dtype=stacked.dtype))
-      inverses = batched(lambda a: linalg.inverse(a, solver), (mine,))
-      return split.assemble(inverses, axis, index, per, blocks, dim=0)
+      return split.by_rows(lambda mine: batched(
+          lambda a: linalg.inverse(a, solver), (mine,)), damped, axis,
+                           fill=jnp.eye(self.n, dtype=stacked.dtype))
     sharing = devices // blocks  # devices per block; the rest idle
     device = jax.lax.axis_index(axis)
     which, share = jnp.minimum(device // sharing, blocks - 1), device % sharing
@@ -663,10 +662,8 @@ class _UnitBlocks(_Block):
   def refresh_part(self, stats, damping, solver, axis):
     # Each device inverts its units' blocks (past the last unit: identities).
     shift = _unit_shift(stats, damping)
-    mine, index, per = split.my_rows(
-        stats, axis, fill=jnp.eye(self.n, dtype=stats.dtype))
-    return split.assemble(_unit_inverses(mine, shift, solver), axis, index,
-                          per, self.d_out, dim=0)
+    return split.by_rows(lambda mine: _unit_inverses(mine, shift, solver),
+                         stats, axis, fill=jnp.eye(self.n, dtype=stats.dtype))
 
   def apply_matrix(self, precond, g):
     # update[:, j] = P_j @ g[:, j]

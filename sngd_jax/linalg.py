@@ -241,8 +241,7 @@ def output_roots(mean, weight, power, eigenvalue_range, rank=None,
   def times(a, b):  # a @ b, each device its rows of a
     if axis_name is None:
       return a @ b
-    rows, index, per = split.my_rows(a, axis_name)
-    return split.assemble(rows @ b, axis_name, index, per, dim, dim=0)
+    return split.by_rows(lambda rows: rows @ b, a, axis_name)
 
   start = np.random.default_rng(0).standard_normal((dim, rank))
   basis = jnp.linalg.qr(times(shrunk, jnp.asarray(start, mean.dtype)))[0]

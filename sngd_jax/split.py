@@ -90,6 +90,16 @@ def my_rows(x: jax.Array, axis: str, dim: int = 0, fill=None):
   return jax.lax.dynamic_slice_in_dim(x, index * per, per, axis=dim), index, per
 
 
+def by_rows(function: Callable, x: jax.Array, axis: str, fill=None):
+  """``function(x)`` for a ``function`` that works row by row (along the
+  leading axis of ``x`` and of each of its results): each device applies it
+  to its rows (``my_rows``, padded with ``fill``) and one ``psum`` per result
+  assembles the whole on every device."""
+  rows, index, per = my_rows(x, axis, fill=fill)
+  return jax.tree.map(lambda part: assemble(part, axis, index, per, x.shape[0],
+                                            dim=0), function(rows))
+
+
 def on_axis(axis: str, refresh: Callable, *operands):
   """``refresh(*operands)`` with ``axis`` bound: directly under ``pmap`` or
   ``shard_map`` over it, else in a ``shard_map`` over the current mesh's axis.

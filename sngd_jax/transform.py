@@ -1705,10 +1705,8 @@ def output_factor_roots(means, rate, refresh_axis=None):
         means, rate, refresh_axis), means, rate)
 
   def divided(means, rate):
-    eye = jnp.eye(means.shape[-1], dtype=means.dtype)
-    mine, index, per = split.my_rows(means, refresh_axis, fill=eye)
-    return jax.tree.map(lambda x: split.assemble(
-        x, refresh_axis, index, per, means.shape[0], dim=0), roots(mine, rate))
+    return split.by_rows(lambda mine: roots(mine, rate), means, refresh_axis,
+                         fill=jnp.eye(means.shape[-1], dtype=means.dtype))
 
   return split.on_axis(refresh_axis, divided, means, rate)
 
