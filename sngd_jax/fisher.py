@@ -542,7 +542,7 @@ class Linear(_Block):
     return precond @ g
 
   def metric_matrix(self, precond, m):
-    return jnp.vdot(m, linalg.cholesky_inverse(precond, m))
+    return linalg.inverse_metric(precond, m)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -670,8 +670,8 @@ class _UnitBlocks(_Block):
     return jnp.einsum("jik,kj->ij", precond, g)
 
   def metric_matrix(self, precond, m):
-    return jnp.sum(batched(lambda p, column: jnp.vdot(
-        column, linalg.cholesky_inverse(p, column[:, None])), (precond, m.T)))
+    return jnp.sum(batched(lambda p, column: linalg.inverse_metric(
+        p, column[:, None]), (precond, m.T)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -121,6 +121,15 @@ def cholesky_inverse(a, rhs=None):
   return jax.scipy.linalg.cho_solve(chol, _identity_if_none(a, rhs))
 
 
+def inverse_metric(p, m):
+  """``<m, P^{-1} m>`` of a symmetric positive definite ``P``: ``|L^{-1} m|^2``
+  with ``P = L L^T``, one triangular solve (not ``cholesky_inverse``'s two)
+  and a sum of squares, never negative."""
+  chol = jnp.linalg.cholesky(p)
+  solved = jax.scipy.linalg.solve_triangular(chol, m, lower=True)
+  return jnp.sum(jnp.square(solved))
+
+
 def _rejected_unless(ok, x):
   """``x``, or NaN where ``ok`` is False: the caller's finiteness check rejects it."""
   return jnp.where(ok, x, jnp.nan)

@@ -55,6 +55,15 @@ def test_solvers_invert_damped_blocks(solver):
   np.testing.assert_allclose(got @ damped, np.eye(10), atol=1e-9)
 
 
+def test_inverse_metric_is_m_dot_p_inverse_m():
+  """``<m, P^{-1} m>`` summed over ``m``'s columns, against NumPy's inverse."""
+  p = spd(12, 1e4)
+  m = np.random.default_rng(1).normal(size=(12, 5))
+  np.testing.assert_allclose(
+      float(linalg.inverse_metric(jnp.asarray(p), jnp.asarray(m))),
+      np.sum(m * (np.linalg.inv(p) @ m)), rtol=1e-9)
+
+
 @pytest.mark.parametrize("second,rtol", [(0.5, 1e-12), (0.9, 1e-2), (1.0, 1e-12)])
 def test_largest_eigenvalue_is_the_top_of_eigvalsh_from_below(second, rtol):
   """16 power iterations: exact past a gap, close without one (two equal top
