@@ -50,6 +50,6 @@ docs: $(STAMP)
 	$(VENV)/bin/python docs/reference.py build/reference
 	@echo "open build/reference/index.html"
 
-# Every deliberate bug in tests/mutants.py must fail a test (~20 min).
+# Every deliberate bug in tests/mutants.py must fail a test (35-50 min on 2 cores).
 mutants: $(STAMP)
 	$(VENV)/bin/python tests/mutants.py

@@ -11,8 +11,10 @@ and run by ``nnx.scan`` (scanned). For each optimizer, in one process:
 - ``step``: seconds to lower and compile the whole training step (forward,
   capture, backward, update), without running it (its first call runs a
   refresh);
-- ``ms``: the steady step (median of ``--steps`` calls after two warm-ups,
-  statistics and refreshes at their default intervals).
+- ``ms``: the steady step, the median of ``--steps`` calls after
+  ``--warmup`` (50: past SNGD's young EMA, which takes a statistic every
+  step for its first ~45 at the default ``ema_decay``), statistics and
+  refreshes then at their default intervals.
 
     python benchmarks/compile_and_step.py --blocks 2 6 12 --forms unrolled scanned
 
@@ -105,7 +107,7 @@ def update_compile(tx, grads, params, acts, needs_activations):
   return time.perf_counter() - start, compiled.as_text().count("\n")
 
 
-def measure(blocks, scanned, name, steps):
+def measure(blocks, scanned, name, steps, warmup):
   """``{update_s, update_hlo, step_s, step_ms}`` of one optimizer on one GPT."""
   model = GPT(blocks, scanned)
   tx = OPTIMIZERS[name]()
@@ -134,7 +136,7 @@ def measure(blocks, scanned, name, steps):
   start = time.perf_counter()
   train_step.lower(model, optimizer).compile()
   step_s = time.perf_counter() - start
-  for _ in range(2):  # compiles again (the call's own cache), then a refresh
+  for _ in range(warmup):  # compiles again (the call's own cache), then a refresh
     jax.block_until_ready(train_step(model, optimizer))
   times = []
   for _ in range(steps):
@@ -145,7 +147,7 @@ def measure(blocks, scanned, name, steps):
               step_ms=1e3 * float(np.median(times)))
 
 
-def measure_resnet(name, steps, batch=8, size=32):
+def measure_resnet(name, steps, warmup, batch=8, size=32):
   """``measure``'s numbers for a ResNet-18 (linen, BatchNorm) on ImageNet's
   1000 classes at ``size`` x ``size`` inputs (compile time barely depends
   on the size)."""
@@ -184,7 +186,7 @@ def measure_resnet(name, steps, batch=8, size=32):
   train_step.lower(params, batch_stats, state).compile()
   step_s = time.perf_counter() - start
   carry = params, batch_stats, state
-  for _ in range(2):
+  for _ in range(warmup):
     carry = jax.block_until_ready(train_step(*carry))[:3]
   times = []
   for _ in range(steps):
@@ -203,6 +205,8 @@ def main():
   parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS),
                       choices=list(OPTIMIZERS))
   parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--warmup", type=int, default=50,
+                      help="steps run before the timed ones")
   parser.add_argument("--resnet", action="store_true",
                       help="also a linen ResNet-18 against Adam and Muon")
   args = parser.parse_args()
@@ -214,7 +218,8 @@ def main():
   print("|---|---|---|---|---|---|---|")
   for form in args.forms:
     for blocks in args.blocks:
-      rows = {name: measure(blocks, form == "scanned", name, args.steps)
+      rows = {name: measure(blocks, form == "scanned", name, args.steps,
+                             args.warmup)
               for name in args.optimizers}
       base = rows.get("adamw")
       for name, row in rows.items():
@@ -225,7 +230,7 @@ def main():
               f"{row['update_hlo']} | {row['step_s']:.2f} | "
               f"{row['step_ms']:.1f} | {ratios} |", flush=True)
   if args.resnet:
-    rows = {name: measure_resnet(name, args.steps)
+    rows = {name: measure_resnet(name, args.steps, args.warmup)
             for name in ("sngd", "adam", "muon")}
     for name, row in rows.items():
       ratios = ", ".join(f"{row[key] / rows['adam'][key]:.1f}x" for key in

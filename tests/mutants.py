@@ -3,7 +3,8 @@
 Applies each mutation below to the library source, one at a time, runs the
 tests that cover that code (``-x``: the first failure is enough), restores the
 file, and prints which test caught each mutation. Exits 1 if a mutation
-survives. Run with ``make mutants`` (about 20 minutes on 2 cores).
+survives. Run with ``make mutants`` (35-50 minutes on 2 cores, longer on a
+slow machine).
 
 Mutations that cannot change any result are left out, with the reason: the
 statistics are symmetric, so transposing ``E[x x^T]`` (or a per-unit block)

@@ -173,7 +173,7 @@ def test_compile_and_step_benchmark_prints_a_row_per_model_and_optimizer():
   script = Path(__file__).parents[1] / "benchmarks" / "compile_and_step.py"
   result = subprocess.run(
       [sys.executable, str(script), "--blocks", "1", "--forms", "scanned",
-       "--optimizers", "sngd", "adamw", "--steps", "1"], capture_output=True,
+       "--optimizers", "sngd", "adamw", "--steps", "1", "--warmup", "2"], capture_output=True,
       text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode == 0, result.stderr[-3000:]
   rows = [[cell.strip() for cell in line.split("|")[1:3]]
