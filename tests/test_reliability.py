@@ -108,11 +108,17 @@ def test_nan_gradients_never_reach_params_with_apply_if_finite():
        dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), seed=st.integers(0, 99))
 def test_updates_are_finite_typed_descent_directions(d_in, width, batch, kind,
                                                      dtype, seed):
-  params = mlp_params(jax.random.PRNGKey(seed), [d_in, width, 3], dtype)
-  x = jax.random.normal(jax.random.PRNGKey(seed + 1), (batch, d_in), dtype)
-  _, acts = mlp_forward(params, x)
-  grads = jax.tree.map(lambda p: jax.random.normal(
-      jax.random.PRNGKey(seed + 2), p.shape, p.dtype), params)
+  # NumPy arrays: each example's shapes are new, and JAX would compile every
+  # eager op of the set-up for them (~2 s an example).
+  rng = np.random.default_rng(seed)
+  params = {f"layer{i}": {"kernel": rng.standard_normal((a, b)) / a ** 0.5,
+                          "bias": 0.1 * rng.standard_normal(b)}
+            for i, (a, b) in enumerate([(d_in, width), (width, 3)])}
+  x = rng.standard_normal((batch, d_in))
+  _, acts = mlp_forward(params, x, lambda h: np.maximum(h, 0))
+  grads = jax.tree.map(lambda p: rng.standard_normal(p.shape), params)
+  params, acts, grads = jax.tree.map(lambda a: a.astype(dtype),
+                                     (params, acts, grads))
   tx = sngd_jax.scale_by_sngd(layer_fisher=kind, ema_decay=0.5)
   updates, state = tx.update(grads, tx.init(params), params, activations=acts)
   for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)):
