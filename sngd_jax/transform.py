@@ -1363,6 +1363,83 @@ def scale_by_sngd(
                jnp.zeros([], jnp.float32))
     return jnp.where(jnp.isfinite(norm), norm, state.momentum_norm)
 
+  def precondition(stacks, preconditioners, leaves, entries):
+    """``(gradients, directions)``: each stack's gradient matrix ``g`` and
+    its preconditioned direction ``v = P g``."""
+    gradients, directions = {}, {}
+    for stack in stacks:
+      with jax.named_scope(f"sngd/{stack.name}/apply"):
+        precond = preconditioners[stack.key]
+        gradients[stack.key] = stack.join([
+            _gradient_matrix(layer, precond, leaves) for layer in stack.layers])
+        directions[stack.key] = stack.each(stack.block.apply)(
+            precond, gradients[stack.key], stack.entry(entries))
+    return gradients, directions
+
+  def step_length(stacks, preconditioners, factors, gradients, directions,
+                  row_weights):
+    """``(directions, vg)``: the directions times their output factors, and
+    the step's length in the blocks' metric, ``v.g = |v|_G^2``, summed over
+    the stacks' rows with their clip weights."""
+    directions, quadratics = dict(directions), []
+    for stack in stacks:
+      g = gradients[stack.key]
+      if stack.key in factors:
+        directions[stack.key] = directions[stack.key] @ factors[stack.key][0]
+        quadratic = jnp.sum(directions[stack.key] * g, axis=(-2, -1))
+      else:
+        quadratic = stack.each(stack.block.quadratic)(
+            preconditioners[stack.key], g, directions[stack.key])
+      quadratics.append(jnp.ravel(row_weights(stack) * quadratic.astype(
+          jnp.float32)))
+    return directions, jnp.sum(jnp.concatenate(
+        quadratics or [jnp.zeros([0], jnp.float32)]))
+
+  def momentum_length(state, refresh, vg, gradients, buffer, weights, present,
+                      metric):
+    """``(norm, applied)``: ``|.|_G^2`` of the new buffer and of the step
+    applied, before the clip.
+
+    The buffer ``m' = beta m + v`` (or with Nesterov the step ``beta m' +
+    v``): ``|beta m + v|_G^2 = beta^2 |m|^2 + 2 beta m.g + v.g``, with
+    ``G v = g`` and ``|m|^2`` remeasured by ``metric`` in the blocks of a
+    refresh. The clip bounds the step and the buffer kept alike.
+    """
+    if momentum is None:
+      return vg, vg
+    with jax.named_scope("sngd/momentum_norm"):
+      momentum_norm = jax.lax.cond(refresh, metric,
+                                   lambda: state.momentum_norm)
+    cross = jnp.sum(jnp.stack([
+        weights[layer.path] * jnp.vdot(buffer[index],
+                                       gradients[index]).astype(jnp.float32)
+        for layer in present for index, _, _ in layer.leaves]
+                              + [jnp.zeros([], jnp.float32)]))
+    norm = applied = jnp.maximum(momentum ** 2 * momentum_norm
+                                 + 2 * momentum * cross + vg, 0.0)
+    if nesterov:  # m'.g = beta m.g + v.g
+      applied = jnp.maximum(norm, momentum ** 2 * norm + 2 * momentum * (
+          momentum * cross + vg) + vg)
+    return norm, applied
+
+  def momentum_step(directions, buffer, scale, active):
+    """``(step, new buffer)`` from the directions (leaves), the clip's
+    ``scale`` shortening the preconditioned leaves (indices ``active``)."""
+    def clip(leaves):
+      return [(x * scale).astype(x.dtype) if i in active else x
+              for i, x in enumerate(leaves)]
+
+    if momentum is None:
+      return clip(directions), None
+
+    def heavy_ball(m, v):
+      return (momentum * m + v).astype(m.dtype)
+
+    new_buffer = clip(list(map(heavy_ball, buffer, directions)))
+    if nesterov:
+      return list(map(heavy_ball, new_buffer, clip(directions))), new_buffer
+    return new_buffer, new_buffer
+
   def clip_scale(count, applied):
     """``(scale, clipped)``: the KL clip's factor for a step whose
     ``|.|_G^2`` is ``applied``."""
@@ -1430,15 +1507,8 @@ def scale_by_sngd(
     preconditioners, inverse_faults = refreshed_blocks(
         state, stacks, stats, weight, refresh, divide_over)
 
-    # Precondition: v = P g per stack.
-    gradients, directions = {}, {}
-    for stack in stacks:
-      with jax.named_scope(f"sngd/{stack.name}/apply"):
-        precond = preconditioners[stack.key]
-        gradients[stack.key] = stack.join([
-            _gradient_matrix(layer, precond, leaves) for layer in stack.layers])
-        directions[stack.key] = stack.each(stack.block.apply)(
-            precond, gradients[stack.key], stack.entry(entries))
+    gradients, directions = precondition(stacks, preconditioners, leaves,
+                                         entries)
 
     # Output factors.
     output_stats, factors = state.output_stats, state.output_factors
@@ -1461,82 +1531,42 @@ def scale_by_sngd(
       return stack.rows_of({path: weights.get(path, 0) for path in
                             (layer.path for layer in stack.layers)})
 
-    # The step's length in the blocks' metric: v.g = |v|_G^2 per stack.
-    quadratics = []
-    for stack in stacks:
-      g = gradients[stack.key]
-      if stack.key in factors:
-        directions[stack.key] = directions[stack.key] @ factors[stack.key][0]
-        quadratic = jnp.sum(directions[stack.key] * g, axis=(-2, -1))
-      else:
-        quadratic = stack.each(stack.block.quadratic)(
-            preconditioners[stack.key], g, directions[stack.key])
-      quadratics.append(jnp.ravel(row_weights(stack) * quadratic.astype(
-          jnp.float32)))
-    vg = jnp.sum(jnp.concatenate(quadratics or [jnp.zeros([0], jnp.float32)]))
+    directions, vg = step_length(stacks, preconditioners, factors, gradients,
+                                 directions, row_weights)
     present = [layer for stack in stacks for layer in stack.layers
                if layer.path in entries]
-
-    # Momentum and the clip. The step applied: the buffer m' = beta m + v, or
-    # with Nesterov beta m' + v, whose |.|_G^2 = beta^2 |m'|^2 + 2 beta m'.g
-    # + v.g (m'.g = beta m.g + v.g). The clip bounds it and the buffer kept
-    # alike.
-    norm = applied = vg
-    momentum_norm = state.momentum_norm
-    if momentum is not None:
-      momentum_leaves = [fisher.split_only_leading(x, 0) for x in
-                         treedef.flatten_up_to(state.momentum)]
-      with jax.named_scope("sngd/momentum_norm"):
-        momentum_norm = jax.lax.cond(refresh, lambda: momentum_metric(
-            state, stacks, preconditioners, factors, momentum_leaves, entries,
-            row_weights), lambda: state.momentum_norm)
-      # |beta m + v|_G^2 = beta^2 |m|^2 + 2 beta m.g + v.g, with G v = g
-      # (``leaves`` are still the gradients).
-      cross = jnp.sum(jnp.stack([
-          weights[layer.path] * jnp.vdot(momentum_leaves[index],
-                                         leaves[index]).astype(jnp.float32)
-          for layer in present for index, _, _ in layer.leaves]
-                                + [jnp.zeros([], jnp.float32)]))
-      norm = applied = jnp.maximum(momentum ** 2 * momentum_norm
-                                   + 2 * momentum * cross + vg, 0.0)
-      if nesterov:
-        applied = jnp.maximum(norm, momentum ** 2 * norm + 2 * momentum * (
-            momentum * cross + vg) + vg)
+    buffer = None if momentum is None else [
+        fisher.split_only_leading(x, 0)
+        for x in treedef.flatten_up_to(state.momentum)]
+    # The momentum and the clip (``leaves`` are still the gradients; the
+    # directions replace them once the clip's scale is known).
+    norm, applied = momentum_length(state, refresh, vg, leaves, buffer,
+                                    weights, present, lambda: momentum_metric(
+                                        state, stacks, preconditioners,
+                                        factors, buffer, entries, row_weights))
     scale, clipped = clip_scale(count, applied)
     for stack in stacks:
       for layer, part in zip(stack.layers, stack.split(directions[stack.key])):
         if layer.path in entries:
           _write_back(layer, part, leaves)
-    active_leaves = {index for layer in present for index, _, _ in layer.leaves}
-
-    def clip(leaves):  # the clip shortens the preconditioned leaves only
-      return [(x * scale).astype(x.dtype) if i in active_leaves else x
-              for i, x in enumerate(leaves)]
-
-    def heavy_ball(m, v):
-      return (momentum * m + v).astype(m.dtype)
+    leaves, buffer = momentum_step(leaves, buffer, scale, {
+        index for layer in present for index, _, _ in layer.leaves})
 
     def split_as_they_came(leaves):
-      return [x if spec is None else jax.sharding.reshard(x, spec)
-              for x, spec in zip(leaves, specs)]
+      return jax.tree.unflatten(treedef, [
+          x if spec is None else jax.sharding.reshard(x, spec)
+          for x, spec in zip(leaves, specs)])
 
-    new_buffer = None
+    new_buffer, momentum_norm = None, state.momentum_norm
     if momentum is not None:
-      new_buffer = clip(list(map(heavy_ball, momentum_leaves, leaves)))
-      norm = norm * jnp.square(scale)
-      leaves = (list(map(heavy_ball, new_buffer, clip(leaves))) if nesterov
-                else new_buffer)
-      new_buffer = jax.tree.unflatten(treedef, split_as_they_came(new_buffer))
-    else:
-      leaves = clip(leaves)
-    leaves = split_as_they_came(leaves)
+      new_buffer = split_as_they_came(buffer)
+      momentum_norm = norm * jnp.square(scale)
     new_state = ScaleBySNGDState(
         optax.safe_increment(count), weight, stats, preconditioners,
         state.stats_faults + stat_faults,
         state.inverse_faults + inverse_faults, state.clipped + clipped,
-        new_buffer, norm if momentum is not None else state.momentum_norm,
-        output_stats, factors)
-    return jax.tree.unflatten(treedef, leaves), new_state
+        new_buffer, momentum_norm, output_stats, factors)
+    return split_as_they_came(leaves), new_state
 
   compiled_init, compiled_update = jax.jit(init), jax.jit(update)
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
