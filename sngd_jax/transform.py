@@ -1707,7 +1707,7 @@ def output_factor_limit(output_factor) -> int:
                    f"a layer given one has (an int > 0), got {output_factor!r}")
 
 
-def takes_output_factor(layer: Layer, limit: int = OUTPUT_MAX_DIM) -> bool:
+def takes_output_factor(layer: Layer, limit: int) -> bool:
   """Whether a layer gets an output factor where layers of at most ``limit``
   outputs do (``output_factor_limit``): the ``linear`` blocks (exact or
   Nystrom) with 2 to ``limit`` outputs."""
