@@ -1932,7 +1932,10 @@ def sngd(
   (a float or an Optax schedule).
 
   Args:
-    learning_rate: a float or schedule; ``None`` returns a direction.
+    learning_rate: a float or schedule; ``None`` returns a direction. The
+      best rate depends on the model (search ``0.03`` to ``3.0``); without
+      a search, ``3.0`` did best on the benchmark's tasks (README,
+      "Choosing the learning rate").
     momentum: momentum decay (:func:`scale_by_sngd`'s ``momentum``); None or
       0 for none (None stays static under ``optax.inject_hyperparams``, so no
       buffer is made).
