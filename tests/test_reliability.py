@@ -282,9 +282,11 @@ def test_per_unit_blocks_with_momentum_do_not_hang_the_step(script):
   here = os.path.dirname(__file__)
   env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
   # Compiled as users' programs are (with the suite's optimizations off the
-  # vmap case did not hang), with OpenBLAS on one thread as `make` and the
-  # benchmark set it (with one per core the vmap case hung less often).
+  # vmap case did not hang; conftest's XLA_FLAGS), with OpenBLAS on one
+  # thread as `make` and the benchmark set it (with one per core the vmap
+  # case hung less often).
   env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
+  env.pop("XLA_FLAGS", None)
   env["OPENBLAS_NUM_THREADS"] = "1"
   result = subprocess.run([sys.executable, "-c", script], cwd=here, env=env,
                           capture_output=True, text=True, timeout=180)

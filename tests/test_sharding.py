@@ -12,7 +12,9 @@ from pathlib import Path
 def run_check(script: str) -> dict:
   """Runs ``tests/<script>`` on 8 simulated CPU devices; its JSON report."""
   here = Path(__file__).parent
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=" ".join((
+                 os.environ.get("XLA_FLAGS", ""),
+                 "--xla_force_host_platform_device_count=8")).strip(),
              PYTHONPATH=f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
              JAX_PLATFORMS="cpu")
   with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
