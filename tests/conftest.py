@@ -18,8 +18,10 @@ os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 # XLA:CPU's fusion emitters compile the update's many small fusions ~3x
 # slower than its older elemental emitters (jax 0.10.2: a 2-block GPT's
 # update 3.5 s against 1.2 s); the tests run the older ones.
-os.environ["XLA_FLAGS"] = " ".join(
-    (os.environ.get("XLA_FLAGS", ""), "--xla_cpu_use_fusion_emitters=false")).strip()
+# (The workers inherit the controller's flags.)
+if "--xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = " ".join(
+      (os.environ.get("XLA_FLAGS", ""), "--xla_cpu_use_fusion_emitters=false")).strip()
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # pytest-xdist's controller
   cache = tempfile.mkdtemp(prefix="sngd-jax-tests-")
   atexit.register(shutil.rmtree, cache, ignore_errors=True)
